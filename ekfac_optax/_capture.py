@@ -1,0 +1,193 @@
+"""Capture: the input ``h`` and output gradient ``delta`` of each layer.
+
+``value_grad_and_stats`` runs the user's loss under a Flax method interceptor
+(``flax.linen.intercept_methods``). For every call of a captured module
+(``nn.Dense``, ``nn.Conv``; see ``_layers.CAPTURED_MODULES``) it records the
+input and adds a zero "probe" to the output. The probes are differentiated
+together with the params, so their gradients are the output gradients of the
+layer, at no change to the user's model or loss.
+"""
+
+from collections.abc import Callable, Sequence
+import math
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from ekfac_optax import _layers
+
+
+class LayerStats(NamedTuple):
+    """What a layer saw in one batch; positions ``t`` are conv output
+    positions, extra input axes (e.g. sequence) and repeated calls of a shared
+    module, concatenated.
+
+    Attributes:
+      h: ``(N, T, d_in)`` inputs (for conv: SUA patches, flattened in the
+        order of ``kernel.reshape(d_in, d_out)``), without the bias coordinate.
+      delta: ``(N, T, d_out)`` gradients of the per-example loss with respect
+        to the layer outputs (``N`` times the gradient of the mean loss).
+    """
+
+    h: jax.Array
+    delta: jax.Array
+
+
+class _Call(NamedTuple):
+    kind: str
+    module: nn.Module
+    inputs: jax.Array
+
+
+class _Interceptor:
+    """Records the captured calls; adds ``probes[path][i]`` to the i-th call's output."""
+
+    def __init__(self, layers: Optional[frozenset[str]], probes: Optional[dict] = None):
+        self.layers = layers
+        self.probes = probes
+        self.calls: dict[str, list[_Call]] = {}
+        self.outputs: dict[str, list[jax.Array]] = {}
+
+    def __call__(self, next_fun, args, kwargs, context):
+        kind = _layers.module_kind(context.module)
+        path = _layers.path_key(context.module.path)
+        if (
+            context.method_name != "__call__"
+            or kind is None
+            or (self.layers is not None and path not in self.layers)
+        ):
+            return next_fun(*args, **kwargs)
+        inputs = args[0] if args else kwargs["inputs"]
+        out = next_fun(*args, **kwargs)
+        calls = self.calls.setdefault(path, [])
+        if self.probes is not None:
+            out = out + self.probes[path][len(calls)]
+        calls.append(_Call(kind, context.module, inputs))
+        self.outputs.setdefault(path, []).append(out)
+        return out
+
+
+def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
+    """SUA input patches of a conv, ``(batch..., positions..., prod(k) * c_in)``.
+
+    The patches are the output of the same convolution (same padding, strides,
+    dilations, via ``module.clone``) with an identity kernel, so feature ``f``
+    of the output is ``kernel.reshape(-1, c_out)``'s row ``f``.
+    """
+    kernel_size = module.kernel_size
+    kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+    n_features = math.prod(kernel_size) * x.shape[-1]
+    eye = jnp.eye(n_features, dtype=x.dtype).reshape(*kernel_size, x.shape[-1], n_features)
+    patcher = module.clone(
+        parent=None, features=n_features, use_bias=False, precision=jax.lax.Precision.HIGHEST
+    )
+    return patcher.apply({"params": {"kernel": eye}}, x)
+
+
+def _layer_stats(calls: list[_Call], deltas: list[jax.Array], n: int) -> LayerStats:
+    hs, ds = [], []
+    for call, delta in zip(calls, deltas):
+        h = call.inputs if call.kind == "dense" else _conv_patches(call.module, call.inputs)
+        hs.append(jnp.reshape(h, (n, -1, h.shape[-1])))
+        ds.append(jnp.reshape(delta, (n, -1, delta.shape[-1])))
+    return LayerStats(h=jnp.concatenate(hs, axis=1), delta=jnp.concatenate(ds, axis=1))
+
+
+def _batch_size(calls: dict[str, list[_Call]]) -> int:
+    sizes = {path: c.inputs.shape[0] for path, cs in calls.items() for c in cs if c.inputs.ndim}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            "value_grad_and_stats: captured layers disagree on the batch size (leading axis "
+            f"of their inputs): {sizes}. Every captured layer must see inputs of shape "
+            "(batch, ..., features)."
+        )
+    for path, cs in calls.items():
+        for c in cs:
+            if c.inputs.ndim < 2 or (c.kind == "conv" and c.inputs.ndim < 3):
+                raise ValueError(
+                    f"value_grad_and_stats: layer {path!r} was called on an input of shape "
+                    f"{c.inputs.shape}; captured layers need a leading batch axis"
+                )
+    return next(iter(sizes.values()), 1)
+
+
+def value_grad_and_stats(
+    loss_fn: Callable[..., Any],
+    has_aux: bool = False,
+    *,
+    layers: Optional[Sequence[str]] = None,
+) -> Callable[..., tuple[Any, Any, dict[str, LayerStats]]]:
+    """Like ``jax.value_and_grad(loss_fn)``, plus each layer's ``h`` and ``delta``.
+
+    ``loss_fn(params, *args, **kwargs)`` must return the MEAN loss over the
+    batch (a scalar; with ``has_aux``, a pair ``(loss, aux)``) and call a Flax
+    linen model's ``apply`` inside. Every call of an ``nn.Dense`` or ``nn.Conv``
+    (``feature_group_count=1``, no ``mask``) on an input with a leading batch
+    axis ``N`` is captured.
+
+    The per-example output gradient is that of the per-example loss: since the
+    loss is a batch mean, ``delta_n = N * dLoss/d(output_n)``. This is the one
+    place where the factor ``N`` is applied.
+
+    Args:
+      loss_fn: the user's loss function, differentiated with respect to its
+        first argument.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      layers: optional module paths to capture; ``None`` captures every
+        supported layer. Use the same list as ``scale_by_ekfac(layers=...)``.
+
+    Returns:
+      ``f(params, *args, **kwargs) -> (value, grads, stats)``, where ``value``
+      is ``loss`` (or ``(loss, aux)``), ``grads`` the gradient of the mean loss
+      with respect to ``params`` and ``stats`` a dict from module path to
+      :class:`LayerStats`.
+    """
+    layer_set = None if layers is None else frozenset(layers)
+
+    def run(interceptor, params, args, kwargs):
+        with nn.intercept_methods(interceptor):
+            out = loss_fn(params, *args, **kwargs)
+        loss, aux = out if has_aux else (out, None)
+        if jnp.shape(loss) != ():
+            raise ValueError(
+                "value_grad_and_stats: loss_fn must return a scalar (the mean loss over the "
+                f"batch){' as the first item of (loss, aux)' if has_aux else ''}; got shape "
+                f"{jnp.shape(loss)}"
+            )
+        return loss, aux
+
+    def f(params, *args, **kwargs):
+        # Pass 1 (abstract, no FLOPs): which layers are called, output shapes.
+        def output_shapes(params):
+            interceptor = _Interceptor(layer_set)
+            run(interceptor, params, args, kwargs)
+            return interceptor.outputs
+
+        shapes = jax.eval_shape(output_shapes, params)
+        probes = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        # Pass 2: the loss with zero probes on the outputs, differentiated.
+        interceptor = _Interceptor(layer_set, probes)
+
+        def probed_loss(params, probes):
+            loss, aux = run(interceptor, params, args, kwargs)
+            inputs = {p: [c.inputs for c in cs] for p, cs in interceptor.calls.items()}
+            return loss, (aux, inputs)
+
+        (loss, (aux, inputs)), (grads, probe_grads) = jax.value_and_grad(
+            probed_loss, argnums=(0, 1), has_aux=True
+        )(params, probes)
+        calls = {
+            p: [c._replace(inputs=x) for c, x in zip(cs, inputs[p])]
+            for p, cs in interceptor.calls.items()
+        }
+        n = _batch_size(calls)
+        stats = {
+            path: _layer_stats(cs, [n * d for d in probe_grads[path]], n)
+            for path, cs in calls.items()
+        }
+        return ((loss, aux) if has_aux else loss), grads, stats
+
+    return f

@@ -1,0 +1,41 @@
+"""PSD-safe eigendecomposition and the map to and from the Kronecker-factored eigenbasis."""
+
+import jax
+import jax.numpy as jnp
+
+
+def safe_eigh(factor: jax.Array, fallback_eigvals: jax.Array, fallback_basis: jax.Array):
+    """Eigendecomposition of a symmetric PSD factor, robust to round-off and NaN.
+
+    Symmetrises ``(M + Mᵀ) / 2``, computes ``eigh`` and clips the eigenvalues
+    at zero (round-off makes tiny ones negative). If the factor or the result
+    is not finite, the fallback pair is returned unchanged.
+
+    Args:
+      factor: ``(d, d)`` symmetric positive semi-definite matrix.
+      fallback_eigvals: ``(d,)`` eigenvalues to keep if the decomposition fails.
+      fallback_basis: ``(d, d)`` basis to keep if the decomposition fails.
+
+    Returns:
+      ``(eigvals, basis, ok)``: ``factor ≈ basis @ diag(eigvals) @ basisᵀ``, with
+      ascending ``eigvals >= 0``, and whether the new pair was used.
+    """
+    if factor.ndim != 2 or factor.shape[0] != factor.shape[1]:
+        raise ValueError(f"safe_eigh expects a square matrix, got shape {factor.shape}")
+    sym = (factor + factor.T) / 2
+    finite_in = jnp.all(jnp.isfinite(sym))
+    eigvals, basis = jnp.linalg.eigh(jnp.where(finite_in, sym, jnp.eye(sym.shape[0], dtype=sym.dtype)))
+    ok = finite_in & jnp.all(jnp.isfinite(eigvals)) & jnp.all(jnp.isfinite(basis))
+    eigvals = jnp.where(ok, jnp.maximum(eigvals, 0), fallback_eigvals)
+    basis = jnp.where(ok, basis, fallback_basis)
+    return eigvals, basis, ok
+
+
+def to_eigenbasis(matrix: jax.Array, basis_a: jax.Array, basis_b: jax.Array) -> jax.Array:
+    """``U_Aᵀ M U_B`` for a ``(d_in_aug, d_out)`` matrix ``M``."""
+    return basis_a.T @ matrix @ basis_b
+
+
+def from_eigenbasis(matrix: jax.Array, basis_a: jax.Array, basis_b: jax.Array) -> jax.Array:
+    """``U_A M U_Bᵀ``, the inverse of :func:`to_eigenbasis`."""
+    return basis_a @ matrix @ basis_b.T

@@ -1,0 +1,91 @@
+"""Diagonal scalings in the Kronecker-factored eigenbasis (KFE) and their damping.
+
+- ``batch_scalings`` (EKFAC, the paper's Algorithm 1): ``s* = mean_n (U_Aᵀ G_n U_B)²``
+  from the per-example gradients ``G_n = Σ_t h_aug_{n,t} delta_{n,t}ᵀ``.
+- ``running_scalings`` (EKFAC-ra): a moving average of ``N (U_Aᵀ g U_B)²``.
+- ``kfac_scalings`` (KFAC): ``T · S_A ⊗ S_B``, the eigenvalues of ``T · A ⊗ B``.
+- ``damped``: the denominator ``s + damping`` (Tikhonov) or the factored
+  damping of Appendix C.
+"""
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+DampingMode = Literal["tikhonov", "factored"]
+
+
+def batch_scalings(h_kfe: jax.Array, delta_kfe: jax.Array) -> jax.Array:
+    """``s*[i, o] = mean_n (Σ_t h_kfe[n, t, i] delta_kfe[n, t, o])²``.
+
+    Args:
+      h_kfe: ``(N, T, a)`` inputs in the eigenbasis, ``h_aug @ U_A``.
+      delta_kfe: ``(N, T, b)`` output gradients in the eigenbasis, ``delta @ U_B``.
+
+    Returns:
+      ``(a, b)`` second moments of the per-example gradients in the KFE.
+      Contracts through per-example gradients (memory ``N a b``) or through
+      the position Gramians (memory ``N T² (a + b)``), whichever is smaller;
+      for ``T = 1`` the latter is ``(h_kfe²)ᵀ (delta_kfe²) / N``.
+    """
+    if h_kfe.ndim != 3 or delta_kfe.ndim != 3 or h_kfe.shape[:2] != delta_kfe.shape[:2]:
+        raise ValueError(
+            "batch_scalings expects h_kfe (N, T, a) and delta_kfe (N, T, b) with the same N, T; "
+            f"got {h_kfe.shape} and {delta_kfe.shape}"
+        )
+    n, t, a = h_kfe.shape
+    b = delta_kfe.shape[-1]
+    if a * b <= t * t * (a + b):
+        per_example = jnp.einsum("nti,nto->nio", h_kfe, delta_kfe)
+        return jnp.mean(per_example**2, axis=0)
+    if t == 1:
+        return (h_kfe[:, 0] ** 2).T @ (delta_kfe[:, 0] ** 2) / n
+    h_gram = jnp.einsum("nti,nsi->ntsi", h_kfe, h_kfe)
+    delta_gram = jnp.einsum("nto,nso->ntso", delta_kfe, delta_kfe)
+    return jnp.einsum("ntsi,ntso->io", h_gram, delta_gram) / n
+
+
+def running_scalings(scalings: jax.Array, grad_kfe: jax.Array, batch_size: int, decay) -> jax.Array:
+    """EKFAC-ra: ``decay · s + (1 - decay) · N · (U_Aᵀ g U_B)²``.
+
+    The squared minibatch gradient ``g = mean_n G_n`` has expectation
+    ``E[G_n]² + Var[G_n] / N``; times ``N`` it estimates the per-example second
+    moment ``E[G_n²]`` that ``batch_scalings`` computes (exactly when the mean
+    gradient is small against its noise), so ``damping`` means the same in both.
+    """
+    decay = jnp.asarray(decay, scalings.dtype)
+    return decay * scalings + (1 - decay) * batch_size * grad_kfe**2
+
+
+def kfac_scalings(eigvals_a: jax.Array, eigvals_b: jax.Array, positions: int) -> jax.Array:
+    """``T · S_A ⊗ S_B`` as an ``(a, b)`` matrix: KFAC's eigenvalues in the KFE.
+
+    ``T`` (positions per example) is the KFC scaling of Grosse & Martens (2016)
+    for conv layers and shared weights: ``E[vec(G_n) vec(G_n)ᵀ] ≈ T · A ⊗ B``
+    when ``A`` and ``B`` are means over positions.
+    """
+    return positions * eigvals_a[:, None] * eigvals_b[None, :]
+
+
+def damped(
+    scalings: jax.Array,
+    damping,
+    eigvals_a: jax.Array,
+    eigvals_b: jax.Array,
+    positions: int,
+    mode: DampingMode,
+) -> jax.Array:
+    """The denominator of the update in the KFE.
+
+    ``"tikhonov"``: ``s + ε``, i.e. ``(F̂ + ε I)⁻¹`` for the EKFAC/KFAC Fisher ``F̂``.
+    ``"factored"`` (the paper's Appendix C): ``s + ε + √ε (T S_A ⊕ S_B)``; for
+    KFAC's ``s = T S_A ⊗ S_B`` this is exactly ``((T A + √ε I) ⊗ (B + √ε I))⁻¹``.
+    """
+    damping = jnp.asarray(damping, scalings.dtype)
+    if mode == "tikhonov":
+        return scalings + damping
+    if mode == "factored":
+        root = jnp.sqrt(damping)
+        return scalings + damping + root * (positions * eigvals_a[:, None] + eigvals_b[None, :])
+    raise ValueError(f"damping_mode must be 'tikhonov' or 'factored', got {mode!r}")

@@ -1,0 +1,469 @@
+"""EKFAC, EKFAC-ra and KFAC as optax gradient transformations.
+
+Per Kronecker block (see ``_layers``) with ``h_aug = [h; 1]`` and output
+gradients ``delta``, the per-example gradient is
+``G_n = Σ_t h_aug_{n,t} delta_{n,t}ᵀ`` and the update is
+``U_A [(U_Aᵀ g U_B) / (s + damping)] U_Bᵀ`` where ``U_A``, ``U_B`` are the
+eigenvectors of ``A = E[h_aug h_augᵀ]`` and ``B = E[delta deltaᵀ]`` (the
+Kronecker-factored eigenbasis, KFE) and ``s`` the scalings (``_scalings``).
+
+References:
+  George, Laurent, Bouthillier, Ballas, Vincent. Fast Approximate Natural
+  Gradient Descent in a Kronecker-factored Eigenbasis. NeurIPS 2018.
+  https://arxiv.org/abs/1806.03884
+  Martens & Grosse. Optimizing Neural Networks with Kronecker-factored
+  Approximate Curvature. ICML 2015. https://arxiv.org/abs/1503.05671
+  Grosse & Martens. A Kronecker-factored approximate Fisher matrix for
+  convolution layers. ICML 2016. https://arxiv.org/abs/1602.01407
+"""
+
+from collections.abc import Mapping, Sequence
+import numbers
+from typing import Any, Literal, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import numerics
+
+from ekfac_optax import _eigenbasis, _factors, _layers, _scalings
+from ekfac_optax._capture import LayerStats
+
+Scaling = Literal["batch", "running", "kfac"]
+ScalarOrSchedule = Union[jax.typing.ArrayLike, optax.Schedule]
+
+
+class BlockState(NamedTuple):
+    """Curvature of one Kronecker block; ``a = d_in (+1 with bias)``, ``b = d_out``.
+
+    Attributes:
+      factor_a: ``(a, a)`` moving average of ``A = E[h_aug h_augᵀ]``.
+      factor_b: ``(b, b)`` moving average of ``B = E[delta deltaᵀ]``.
+      eigvals_a: ``(a,)`` eigenvalues ``S_A`` of ``factor_a`` at the last basis update.
+      basis_a: ``(a, a)`` eigenvectors ``U_A`` (columns).
+      eigvals_b: ``(b,)`` eigenvalues ``S_B`` of ``factor_b``.
+      basis_b: ``(b, b)`` eigenvectors ``U_B`` (columns).
+      scalings: ``(a, b)`` the scalings ``s`` of the last update, in the KFE.
+    """
+
+    factor_a: jax.Array
+    factor_b: jax.Array
+    eigvals_a: jax.Array
+    basis_a: jax.Array
+    eigvals_b: jax.Array
+    basis_b: jax.Array
+    scalings: jax.Array
+
+
+class ScaleByEkfacState(NamedTuple):
+    """State of :func:`scale_by_ekfac` and :func:`scale_by_kfac`.
+
+    Attributes:
+      count: ``()`` int32, number of updates so far.
+      blocks: one :class:`BlockState` per Kronecker block, keyed by module path.
+    """
+
+    count: jax.Array
+    blocks: dict[str, BlockState]
+
+
+def _init_block(spec: _layers.BlockSpec) -> BlockState:
+    a, b, dtype = spec.d_in_aug, spec.d_out, spec.dtype
+    return BlockState(
+        factor_a=jnp.zeros((a, a), dtype),
+        factor_b=jnp.zeros((b, b), dtype),
+        eigvals_a=jnp.zeros((a,), dtype),
+        basis_a=jnp.eye(a, dtype=dtype),
+        eigvals_b=jnp.zeros((b,), dtype),
+        basis_b=jnp.eye(b, dtype=dtype),
+        scalings=jnp.zeros((a, b), dtype),
+    )
+
+
+def _check_hyperparameters(damping, basis_update_every, factor_decay, scaling_decay):
+    if isinstance(damping, numbers.Real) and not damping >= 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
+    if isinstance(basis_update_every, numbers.Real) and (
+        basis_update_every < 1 or int(basis_update_every) != basis_update_every
+    ):
+        raise ValueError(f"basis_update_every must be an integer >= 1, got {basis_update_every}")
+    for name, decay in (("factor_decay", factor_decay), ("scaling_decay", scaling_decay)):
+        if isinstance(decay, numbers.Real) and not 0 <= decay < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {decay}")
+
+
+def _block_specs(updates: Any, state: ScaleByEkfacState, layers) -> dict[str, _layers.BlockSpec]:
+    """The blocks of ``updates``, checked against the state; curvature dtype of the state."""
+    specs = _layers.find_blocks(updates, layers)
+    if set(specs) != set(state.blocks):
+        raise ValueError(
+            "scale_by_ekfac: the updates' layers do not match the optimizer state: "
+            f"only in updates {sorted(set(specs) - set(state.blocks))}, "
+            f"only in state {sorted(set(state.blocks) - set(specs))}"
+        )
+    checked = {}
+    for path, spec in specs.items():
+        block = state.blocks[path]
+        expected = (spec.d_in_aug, spec.d_out)
+        if block.scalings.shape != expected:
+            raise ValueError(
+                f"scale_by_ekfac: layer {path!r}: state block has shape {block.scalings.shape}, "
+                f"expected {expected} from kernel {spec.kernel_shape} (bias={spec.has_bias})"
+            )
+        checked[path] = spec.__class__(
+            path=path, kernel_shape=spec.kernel_shape, has_bias=spec.has_bias,
+            dtype=block.scalings.dtype,
+        )
+    return checked
+
+
+def _check_stats(stats: Any, specs: Mapping[str, _layers.BlockSpec]) -> None:
+    """Trace-time validation of ``stats`` against the blocks: names the layer, expected vs actual."""
+    if stats is None:
+        raise TypeError(
+            "scale_by_ekfac.update needs the keyword argument stats=..., the third output of "
+            "ek.value_grad_and_stats(loss_fn)(params, ...): "
+            "tx.update(grads, opt_state, params, stats=stats)"
+        )
+    if not isinstance(stats, Mapping):
+        raise TypeError(f"stats must be a dict from layer path to LayerStats, got {type(stats)}")
+    missing = sorted(set(specs) - set(stats))
+    if missing:
+        raise ValueError(
+            f"scale_by_ekfac: layers {missing} received no stats. value_grad_and_stats captures "
+            "nn.Dense and nn.Conv calls made inside loss_fn; a kernel of any other module must be "
+            "left out: pass layers=[...] without these paths to scale_by_ekfac (see "
+            "ek.summarize(params, layers)) and the same list to value_grad_and_stats."
+        )
+    extra = sorted(set(stats) - set(specs))
+    if extra:
+        raise ValueError(
+            f"scale_by_ekfac: stats has layers {extra} that are not Kronecker blocks of this "
+            f"optimizer (blocks: {sorted(specs)}); pass the same layers=[...] to "
+            "value_grad_and_stats and scale_by_ekfac"
+        )
+    batch = None
+    for path, spec in specs.items():
+        layer = stats[path]
+        if not isinstance(layer, LayerStats):
+            raise TypeError(f"stats[{path!r}] must be a LayerStats, got {type(layer)}")
+        h_shape, delta_shape = jnp.shape(layer.h), jnp.shape(layer.delta)
+        n, t = (h_shape[:2] + (None, None))[:2]
+        if len(h_shape) != 3 or h_shape[2] != spec.d_in:
+            raise ValueError(
+                f"stats[{path!r}].h: expected shape (N, T, {spec.d_in}) for kernel "
+                f"{spec.kernel_shape}, got {h_shape}"
+            )
+        if delta_shape != (n, t, spec.d_out):
+            raise ValueError(
+                f"stats[{path!r}].delta: expected shape {(n, t, spec.d_out)} for kernel "
+                f"{spec.kernel_shape} and h of shape {h_shape}, got {delta_shape}"
+            )
+        if batch is not None and n != batch[1]:
+            raise ValueError(
+                f"stats: batch sizes differ: {batch[0]!r} has {batch[1]}, {path!r} has {n}"
+            )
+        batch = (path, n)
+
+
+def _check_updates(updates: Any, specs: Mapping[str, _layers.BlockSpec]) -> None:
+    for path, spec in specs.items():
+        node = _layers.subtree(updates, path)
+        for name, shape in ((_layers.KERNEL, spec.kernel_shape), (_layers.BIAS, (spec.d_out,))):
+            if name == _layers.BIAS and not spec.has_bias:
+                continue
+            actual = jnp.shape(node[name])
+            if actual != shape:
+                raise ValueError(
+                    f"scale_by_ekfac: updates[{path!r}][{name!r}]: expected shape {shape}, "
+                    f"got {actual}"
+                )
+
+
+def _scale_by_kfe(
+    damping: ScalarOrSchedule,
+    basis_update_every: jax.typing.ArrayLike,
+    factor_decay: jax.typing.ArrayLike,
+    scaling: Scaling,
+    scaling_decay: jax.typing.ArrayLike,
+    damping_mode: _scalings.DampingMode,
+    layers: Optional[Sequence[str]],
+) -> optax.GradientTransformationExtraArgs:
+    """The shared machinery of :func:`scale_by_ekfac` and :func:`scale_by_kfac`."""
+    _check_hyperparameters(damping, basis_update_every, factor_decay, scaling_decay)
+    if scaling not in ("batch", "running", "kfac"):
+        raise ValueError(f"scaling must be 'batch' or 'running', got {scaling!r}")
+    if damping_mode not in ("tikhonov", "factored"):
+        raise ValueError(f"damping_mode must be 'tikhonov' or 'factored', got {damping_mode!r}")
+    if layers is not None:
+        layers = tuple(layers)
+
+    def init_fn(params):
+        blocks = _layers.find_blocks(params, layers)
+        return ScaleByEkfacState(
+            count=jnp.zeros([], jnp.int32),
+            blocks={path: _init_block(spec) for path, spec in blocks.items()},
+        )
+
+    def update_fn(updates, state, params=None, *, stats=None, **extra_args):
+        del params, extra_args
+        specs = _block_specs(updates, state, layers)
+        _check_stats(stats, specs)
+        _check_updates(updates, specs)
+        count = state.count
+        damping_now = damping(count) if callable(damping) else damping
+
+        # Statistics of this batch, in the curvature dtype.
+        h_aug, delta, blocks = {}, {}, {}
+        for path, spec in specs.items():
+            h_aug[path] = _layers.augment(stats[path].h.astype(spec.dtype), spec)
+            delta[path] = stats[path].delta.astype(spec.dtype)
+            old = state.blocks[path]
+            blocks[path] = old._replace(
+                factor_a=_factors.debiased_ema(
+                    old.factor_a, _factors.factor_a(h_aug[path]), factor_decay, count
+                ),
+                factor_b=_factors.debiased_ema(
+                    old.factor_b, _factors.factor_b(delta[path]), factor_decay, count
+                ),
+            )
+
+        # Amortized: the eigenbasis on updates 0, n, 2n, ...
+        def new_basis(blocks):
+            out = {}
+            for path, block in blocks.items():
+                eigvals_a, basis_a, _ = _eigenbasis.safe_eigh(
+                    block.factor_a, block.eigvals_a, block.basis_a
+                )
+                eigvals_b, basis_b, _ = _eigenbasis.safe_eigh(
+                    block.factor_b, block.eigvals_b, block.basis_b
+                )
+                # EKFAC-ra restarts its average from KFAC's eigenvalues.
+                positions = h_aug[path].shape[1]
+                out[path] = block._replace(
+                    eigvals_a=eigvals_a,
+                    basis_a=basis_a,
+                    eigvals_b=eigvals_b,
+                    basis_b=basis_b,
+                    scalings=_scalings.kfac_scalings(eigvals_a, eigvals_b, positions),
+                )
+            return out
+
+        blocks = jax.lax.cond(count % basis_update_every == 0, new_basis, lambda b: b, blocks)
+
+        new_updates = {}
+        for path, spec in specs.items():
+            block = blocks[path]
+            n, positions = h_aug[path].shape[:2]
+            grad_kfe = _eigenbasis.to_eigenbasis(
+                _layers.to_matrix(_layers.subtree(updates, path), spec),
+                block.basis_a,
+                block.basis_b,
+            )
+            if scaling == "batch":
+                scalings = _scalings.batch_scalings(
+                    h_aug[path] @ block.basis_a, delta[path] @ block.basis_b
+                )
+            elif scaling == "running":
+                scalings = _scalings.running_scalings(block.scalings, grad_kfe, n, scaling_decay)
+            else:
+                scalings = _scalings.kfac_scalings(block.eigvals_a, block.eigvals_b, positions)
+            denominator = _scalings.damped(
+                scalings, damping_now, block.eigvals_a, block.eigvals_b, positions, damping_mode
+            )
+            preconditioned = _eigenbasis.from_eigenbasis(
+                grad_kfe / denominator, block.basis_a, block.basis_b
+            )
+            new_updates[path] = _layers.from_matrix(
+                preconditioned, _layers.subtree(updates, path), spec
+            )
+            blocks[path] = block._replace(scalings=scalings)
+
+        updates = _layers.replace_blocks(updates, new_updates)
+        return updates, ScaleByEkfacState(count=numerics.safe_increment(count), blocks=blocks)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def scale_by_ekfac(
+    *,
+    damping: ScalarOrSchedule = 1e-3,
+    basis_update_every: jax.typing.ArrayLike = 20,
+    factor_decay: jax.typing.ArrayLike = 0.95,
+    scaling: Literal["batch", "running"] = "batch",
+    scaling_decay: jax.typing.ArrayLike = 0.95,
+    damping_mode: _scalings.DampingMode = "tikhonov",
+    layers: Optional[Sequence[str]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Preconditions with EKFAC: a diagonal scaling in the Kronecker-factored eigenbasis.
+
+    For each Kronecker block (an ``nn.Dense``/``nn.Conv`` kernel with its
+    bias, ``g`` the ``(d_in + 1, d_out)`` matrix of the incoming update):
+
+    .. math::
+      U_A \left[ (U_A^\top g U_B) \oslash (s + \epsilon) \right] U_B^\top
+
+    with ``U_A``, ``U_B`` the eigenvectors of the factors ``A = E[h_aug h_augᵀ]``
+    and ``B = E[delta deltaᵀ]`` (means over examples and positions, debiased
+    moving averages with ``factor_decay``; ``0`` uses the current batch alone),
+    recomputed on updates ``0, n, 2n, ...`` for ``n = basis_update_every``.
+    The scalings ``s`` are re-estimated every update:
+
+    - ``scaling="batch"`` (Algorithm 1): ``s = mean_n (U_Aᵀ G_n U_B)²`` from
+      the per-example gradients ``G_n = Σ_t h_aug_{n,t} delta_{n,t}ᵀ`` of the
+      current batch (``stats``).
+    - ``scaling="running"`` (EKFAC-ra): ``s ← d s + (1 - d) N (U_Aᵀ g U_B)²``
+      with ``d = scaling_decay``, ``N`` the batch size and ``g`` the incoming
+      update (the minibatch gradient when this is first in the chain). The
+      factor ``N`` makes ``s`` estimate the same per-example second moment as
+      ``"batch"``, so ``damping`` means the same in both. At each basis change
+      ``s`` restarts from KFAC's ``T S_A ⊗ S_B``.
+
+    Parameters that are not in a block (LayerNorm, Embed, ...) pass through
+    unchanged; :func:`ekfac_optax.summarize` lists what is preconditioned.
+
+    Args:
+      damping: ``ε`` added to the scalings, a float or an optax schedule of the
+        update count.
+      basis_update_every: recompute the eigenbasis every this many updates.
+      factor_decay: decay of the moving averages of ``A`` and ``B``, in ``[0, 1)``.
+      scaling: ``"batch"`` (EKFAC) or ``"running"`` (EKFAC-ra).
+      scaling_decay: decay of the running average for ``scaling="running"``.
+      damping_mode: ``"tikhonov"`` (``s + ε``) or ``"factored"``
+        (``s + ε + √ε (T S_A ⊕ S_B)``, the paper's Appendix C).
+      layers: module paths of the blocks; ``None`` takes every ``kernel`` of
+        the params with at least two axes (with its sibling ``bias``).
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
+      the keyword-only argument ``stats`` from
+      :func:`ekfac_optax.value_grad_and_stats`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
+      >>> import ekfac_optax as ek
+      >>> model = nn.Dense(3)
+      >>> x, y = jnp.ones((8, 4)), jnp.zeros((8,), jnp.int32)
+      >>> params = model.init(jax.random.key(0), x)["params"]
+      >>> def loss_fn(params, x, y):
+      ...     logits = model.apply({"params": params}, x)
+      ...     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      >>> tx = optax.chain(ek.scale_by_ekfac(damping=1e-3), optax.scale_by_learning_rate(0.1))
+      >>> state = tx.init(params)
+      >>> loss, grads, stats = ek.value_grad_and_stats(loss_fn)(params, x, y)
+      >>> updates, state = tx.update(grads, state, params, stats=stats)
+
+    References:
+      George et al., Fast Approximate Natural Gradient Descent in a
+      Kronecker-factored Eigenbasis, NeurIPS 2018 (Algorithm 1, Appendix C).
+    """
+    if scaling not in ("batch", "running"):
+        raise ValueError(f"scaling must be 'batch' or 'running', got {scaling!r}")
+    return _scale_by_kfe(
+        damping, basis_update_every, factor_decay, scaling, scaling_decay, damping_mode, layers
+    )
+
+
+def scale_by_kfac(
+    *,
+    damping: ScalarOrSchedule = 1e-3,
+    basis_update_every: jax.typing.ArrayLike = 20,
+    factor_decay: jax.typing.ArrayLike = 0.95,
+    damping_mode: _scalings.DampingMode = "tikhonov",
+    layers: Optional[Sequence[str]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Preconditions with KFAC, computed in the same eigenbasis machinery.
+
+    Per block, ``(T A ⊗ B + ε I)⁻¹ g`` (``"tikhonov"``) or
+    ``((T A + √ε I) ⊗ (B + √ε I))⁻¹ g`` (``"factored"``), i.e. the scalings
+    are KFAC's eigenvalues ``T S_A ⊗ S_B`` in the KFE, where ``T`` is the
+    number of positions per example (1 for dense layers; the KFC scaling of
+    Grosse & Martens for conv layers and shared weights). ``A``, ``B`` and
+    their eigendecomposition follow :func:`scale_by_ekfac`; the inverse is
+    refreshed every ``basis_update_every`` updates.
+
+    Args:
+      damping: ``ε``, a float or an optax schedule of the update count.
+      basis_update_every: recompute the eigendecomposition every this many updates.
+      factor_decay: decay of the moving averages of ``A`` and ``B``, in ``[0, 1)``.
+      damping_mode: ``"tikhonov"`` or ``"factored"``.
+      layers: module paths of the blocks; ``None`` infers them from the params.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
+      the keyword-only argument ``stats``.
+
+    References:
+      Martens & Grosse, Optimizing Neural Networks with Kronecker-factored
+      Approximate Curvature, ICML 2015; Grosse & Martens, A Kronecker-factored
+      approximate Fisher matrix for convolution layers, ICML 2016.
+    """
+    return _scale_by_kfe(
+        damping, basis_update_every, factor_decay, "kfac", 0.0, damping_mode, layers
+    )
+
+
+def ekfac(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    damping: ScalarOrSchedule = 1e-3,
+    basis_update_every: jax.typing.ArrayLike = 20,
+    factor_decay: jax.typing.ArrayLike = 0.95,
+    scaling: Literal["batch", "running"] = "batch",
+    scaling_decay: jax.typing.ArrayLike = 0.95,
+    damping_mode: _scalings.DampingMode = "tikhonov",
+    layers: Optional[Sequence[str]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """EKFAC: :func:`scale_by_ekfac` then ``optax.scale_by_learning_rate``.
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      damping, basis_update_every, factor_decay, scaling, scaling_decay,
+      damping_mode, layers: see :func:`scale_by_ekfac`.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` to ``update``.
+    """
+    return optax.chain(
+        scale_by_ekfac(
+            damping=damping,
+            basis_update_every=basis_update_every,
+            factor_decay=factor_decay,
+            scaling=scaling,
+            scaling_decay=scaling_decay,
+            damping_mode=damping_mode,
+            layers=layers,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def kfac(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    damping: ScalarOrSchedule = 1e-3,
+    basis_update_every: jax.typing.ArrayLike = 20,
+    factor_decay: jax.typing.ArrayLike = 0.95,
+    damping_mode: _scalings.DampingMode = "tikhonov",
+    layers: Optional[Sequence[str]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """KFAC: :func:`scale_by_kfac` then ``optax.scale_by_learning_rate``.
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      damping, basis_update_every, factor_decay, damping_mode, layers: see
+        :func:`scale_by_kfac`.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` to ``update``.
+    """
+    return optax.chain(
+        scale_by_kfac(
+            damping=damping,
+            basis_update_every=basis_update_every,
+            factor_decay=factor_decay,
+            damping_mode=damping_mode,
+            layers=layers,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
