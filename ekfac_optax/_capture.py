@@ -169,10 +169,12 @@ def value_grad_and_stats(
         probes = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
         # Pass 2: the loss with zero probes on the outputs, differentiated.
-        interceptor = _Interceptor(layer_set, probes)
+        captured = {}
 
         def probed_loss(params, probes):
+            interceptor = _Interceptor(layer_set, probes)
             loss, aux = run(interceptor, params, args, kwargs)
+            captured.update(interceptor.calls)
             inputs = {p: [c.inputs for c in cs] for p, cs in interceptor.calls.items()}
             return loss, (aux, inputs)
 
@@ -180,8 +182,7 @@ def value_grad_and_stats(
             probed_loss, argnums=(0, 1), has_aux=True
         )(params, probes)
         calls = {
-            p: [c._replace(inputs=x) for c, x in zip(cs, inputs[p])]
-            for p, cs in interceptor.calls.items()
+            p: [c._replace(inputs=x) for c, x in zip(cs, inputs[p])] for p, cs in captured.items()
         }
         n = _batch_size(calls)
         stats = {

@@ -21,11 +21,11 @@ def debiased_ema(average: jax.Array, new: jax.Array, decay, count: jax.Array) ->
 
     With ``m_k = decay m_{k-1} + (1 - decay) x_k`` and ``m_0 = 0``, returns the
     debiased ``m_k / (1 - decay^k)`` for ``k = count + 1`` given the previous
-    debiased value ``average``: ``average + w (new - average)`` with
+    debiased value ``average``: ``(1 - w) average + w new`` with
     ``w = (1 - decay) / (1 - decay^k)``. ``decay = 0`` keeps only ``new``;
     the first update (``count = 0``) returns ``new`` whatever the decay.
     """
     k = (count + 1).astype(average.dtype)
     decay = jnp.asarray(decay, average.dtype)
     weight = (1 - decay) / (1 - decay**k)
-    return average + weight * (new - average)
+    return (1 - weight) * average + weight * new

@@ -214,22 +214,32 @@ def _scale_by_kfe(
         damping_now = damping(count) if callable(damping) else damping
 
         # Statistics of this batch, in the curvature dtype.
-        h_aug, delta, blocks = {}, {}, {}
-        for path, spec in specs.items():
-            h_aug[path] = _layers.augment(stats[path].h.astype(spec.dtype), spec)
-            delta[path] = stats[path].delta.astype(spec.dtype)
-            old = state.blocks[path]
-            blocks[path] = old._replace(
-                factor_a=_factors.debiased_ema(
-                    old.factor_a, _factors.factor_a(h_aug[path]), factor_decay, count
-                ),
-                factor_b=_factors.debiased_ema(
-                    old.factor_b, _factors.factor_b(delta[path]), factor_decay, count
-                ),
-            )
+        h_aug = {
+            path: _layers.augment(stats[path].h.astype(spec.dtype), spec)
+            for path, spec in specs.items()
+        }
+        delta = {path: stats[path].delta.astype(spec.dtype) for path, spec in specs.items()}
+
+        def with_factors(blocks):
+            return {
+                path: block._replace(
+                    factor_a=_factors.debiased_ema(
+                        block.factor_a, _factors.factor_a(h_aug[path]), factor_decay, count
+                    ),
+                    factor_b=_factors.debiased_ema(
+                        block.factor_b, _factors.factor_b(delta[path]), factor_decay, count
+                    ),
+                )
+                for path, block in blocks.items()
+            }
+
+        # With one-batch factors (factor_decay=0) only the basis updates need them.
+        one_batch = isinstance(factor_decay, numbers.Real) and factor_decay == 0
+        blocks = dict(state.blocks) if one_batch else with_factors(state.blocks)
 
         # Amortized: the eigenbasis on updates 0, n, 2n, ...
         def new_basis(blocks):
+            blocks = with_factors(blocks) if one_batch else blocks
             out = {}
             for path, block in blocks.items():
                 eigvals_a, basis_a, _ = _eigenbasis.safe_eigh(
