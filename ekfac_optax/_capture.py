@@ -8,9 +8,9 @@ together with the params, so their gradients are the output gradients of the
 layer, at no change to the user's model or loss.
 """
 
-from collections.abc import Callable, Sequence
 import math
-from typing import Any, NamedTuple, Optional
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +44,7 @@ class _Call(NamedTuple):
 class _Interceptor:
     """Records the captured calls; adds ``probes[path][i]`` to the i-th call's output."""
 
-    def __init__(self, layers: Optional[frozenset[str]], probes: Optional[dict] = None):
+    def __init__(self, layers: frozenset[str] | None, probes: dict | None = None):
         self.layers = layers
         self.probes = probes
         self.calls: dict[str, list[_Call]] = {}
@@ -88,7 +88,7 @@ def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
 
 def _layer_stats(calls: list[_Call], deltas: list[jax.Array], n: int) -> LayerStats:
     hs, ds = [], []
-    for call, delta in zip(calls, deltas):
+    for call, delta in zip(calls, deltas, strict=True):
         h = call.inputs if call.kind == "dense" else _conv_patches(call.module, call.inputs)
         hs.append(jnp.reshape(h, (n, -1, h.shape[-1])))
         ds.append(jnp.reshape(delta, (n, -1, delta.shape[-1])))
@@ -117,7 +117,7 @@ def value_grad_and_stats(
     loss_fn: Callable[..., Any],
     has_aux: bool = False,
     *,
-    layers: Optional[Sequence[str]] = None,
+    layers: Sequence[str] | None = None,
 ) -> Callable[..., tuple[Any, Any, dict[str, LayerStats]]]:
     """Like ``jax.value_and_grad(loss_fn)``, plus each layer's ``h`` and ``delta``.
 
@@ -182,7 +182,8 @@ def value_grad_and_stats(
             probed_loss, argnums=(0, 1), has_aux=True
         )(params, probes)
         calls = {
-            p: [c._replace(inputs=x) for c, x in zip(cs, inputs[p])] for p, cs in captured.items()
+            p: [c._replace(inputs=x) for c, x in zip(cs, inputs[p], strict=True)]
+            for p, cs in captured.items()
         }
         n = _batch_size(calls)
         stats = {

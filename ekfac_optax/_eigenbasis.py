@@ -24,7 +24,9 @@ def safe_eigh(factor: jax.Array, fallback_eigvals: jax.Array, fallback_basis: ja
         raise ValueError(f"safe_eigh expects a square matrix, got shape {factor.shape}")
     sym = (factor + factor.T) / 2
     finite_in = jnp.all(jnp.isfinite(sym))
-    eigvals, basis = jnp.linalg.eigh(jnp.where(finite_in, sym, jnp.eye(sym.shape[0], dtype=sym.dtype)))
+    eigvals, basis = jnp.linalg.eigh(
+        jnp.where(finite_in, sym, jnp.eye(sym.shape[0], dtype=sym.dtype))
+    )
     ok = finite_in & jnp.all(jnp.isfinite(eigvals)) & jnp.all(jnp.isfinite(basis))
     eigvals = jnp.where(ok, jnp.maximum(eigvals, 0), fallback_eigvals)
     basis = jnp.where(ok, basis, fallback_basis)

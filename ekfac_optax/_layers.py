@@ -11,10 +11,10 @@ preconditioned: it passes through unchanged (identity fallback).
 Layer keys are the ``/``-joined Flax module paths.
 """
 
-from collections.abc import Mapping, Sequence
 import dataclasses
 import math
-from typing import Any, Optional
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ BIAS = "bias"
 CAPTURED_MODULES: tuple[tuple[type, str], ...] = ((nn.Conv, "conv"), (nn.Dense, "dense"))
 
 
-def module_kind(module: Any) -> Optional[str]:
+def module_kind(module: Any) -> str | None:
     """Returns "dense" or "conv" for a captured module, None for any other."""
     for module_type, kind in CAPTURED_MODULES:
         if isinstance(module, module_type):
@@ -91,7 +91,7 @@ def subtree(params: Mapping[str, Any], path: str) -> Any:
     return node
 
 
-def find_blocks(params: Any, layers: Optional[Sequence[str]] = None) -> dict[str, BlockSpec]:
+def find_blocks(params: Any, layers: Sequence[str] | None = None) -> dict[str, BlockSpec]:
     """Infers the Kronecker blocks of a Flax parameter tree.
 
     Args:
@@ -188,7 +188,7 @@ def augment(h: jax.Array, spec: BlockSpec) -> jax.Array:
     return jnp.concatenate([h, jnp.ones(h.shape[:-1] + (1,), h.dtype)], axis=-1)
 
 
-def summarize(params: Any, layers: Optional[Sequence[str]] = None) -> str:
+def summarize(params: Any, layers: Sequence[str] | None = None) -> str:
     """A readable table of how each parameter is preconditioned.
 
     Args:

@@ -17,9 +17,10 @@ References:
   convolution layers. ICML 2016. https://arxiv.org/abs/1602.01407
 """
 
-from collections.abc import Mapping, Sequence
+import dataclasses
 import numbers
-from typing import Any, Literal, NamedTuple, Optional, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -110,15 +111,12 @@ def _block_specs(updates: Any, state: ScaleByEkfacState, layers) -> dict[str, _l
                 f"scale_by_ekfac: layer {path!r}: state block has shape {block.scalings.shape}, "
                 f"expected {expected} from kernel {spec.kernel_shape} (bias={spec.has_bias})"
             )
-        checked[path] = spec.__class__(
-            path=path, kernel_shape=spec.kernel_shape, has_bias=spec.has_bias,
-            dtype=block.scalings.dtype,
-        )
+        checked[path] = dataclasses.replace(spec, dtype=block.scalings.dtype)
     return checked
 
 
 def _check_stats(stats: Any, specs: Mapping[str, _layers.BlockSpec]) -> None:
-    """Trace-time validation of ``stats`` against the blocks: names the layer, expected vs actual."""
+    """Trace-time check of ``stats`` against the blocks: the layer, expected vs actual."""
     if stats is None:
         raise TypeError(
             "scale_by_ekfac.update needs the keyword argument stats=..., the third output of "
@@ -187,7 +185,7 @@ def _scale_by_kfe(
     scaling: Scaling,
     scaling_decay: jax.typing.ArrayLike,
     damping_mode: _scalings.DampingMode,
-    layers: Optional[Sequence[str]],
+    layers: Sequence[str] | None,
 ) -> optax.GradientTransformationExtraArgs:
     """The shared machinery of :func:`scale_by_ekfac` and :func:`scale_by_kfac`."""
     _check_hyperparameters(damping, basis_update_every, factor_decay, scaling_decay)
@@ -259,7 +257,10 @@ def _scale_by_kfe(
                 )
             return out
 
-        blocks = jax.lax.cond(count % basis_update_every == 0, new_basis, lambda b: b, blocks)
+        if isinstance(basis_update_every, numbers.Integral) and basis_update_every == 1:
+            blocks = new_basis(blocks)
+        else:
+            blocks = jax.lax.cond(count % basis_update_every == 0, new_basis, lambda b: b, blocks)
 
         new_updates = {}
         for path, spec in specs.items():
@@ -303,7 +304,7 @@ def scale_by_ekfac(
     scaling: Literal["batch", "running"] = "batch",
     scaling_decay: jax.typing.ArrayLike = 0.95,
     damping_mode: _scalings.DampingMode = "tikhonov",
-    layers: Optional[Sequence[str]] = None,
+    layers: Sequence[str] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions with EKFAC: a diagonal scaling in the Kronecker-factored eigenbasis.
 
@@ -380,7 +381,7 @@ def scale_by_kfac(
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
     damping_mode: _scalings.DampingMode = "tikhonov",
-    layers: Optional[Sequence[str]] = None,
+    layers: Sequence[str] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions with KFAC, computed in the same eigenbasis machinery.
 
@@ -422,7 +423,7 @@ def ekfac(
     scaling: Literal["batch", "running"] = "batch",
     scaling_decay: jax.typing.ArrayLike = 0.95,
     damping_mode: _scalings.DampingMode = "tikhonov",
-    layers: Optional[Sequence[str]] = None,
+    layers: Sequence[str] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """EKFAC: :func:`scale_by_ekfac` then ``optax.scale_by_learning_rate``.
 
@@ -455,7 +456,7 @@ def kfac(
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
     damping_mode: _scalings.DampingMode = "tikhonov",
-    layers: Optional[Sequence[str]] = None,
+    layers: Sequence[str] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """KFAC: :func:`scale_by_kfac` then ``optax.scale_by_learning_rate``.
 
