@@ -20,7 +20,7 @@ References:
 import dataclasses
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, NamedTuple, Union
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ from ekfac_optax import _eigenbasis, _factors, _layers, _scalings
 from ekfac_optax._capture import LayerStats
 
 Scaling = Literal["batch", "running", "kfac"]
-ScalarOrSchedule = Union[jax.typing.ArrayLike, optax.Schedule]
+ScalarOrSchedule = jax.typing.ArrayLike | optax.Schedule
 
 
 class BlockState(NamedTuple):
