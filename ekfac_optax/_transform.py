@@ -18,6 +18,7 @@ References:
 """
 
 import dataclasses
+import functools
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
@@ -60,12 +61,20 @@ class ScaleByEkfacState(NamedTuple):
     """State of :func:`scale_by_ekfac` and :func:`scale_by_kfac`.
 
     Attributes:
-      count: ``()`` int32, number of updates so far.
+      count: ``()`` int32, number of updates applied so far (skipped ones excluded).
+      skipped: ``()`` int32, number of updates skipped for non-finite numbers.
       blocks: one :class:`BlockState` per Kronecker block, keyed by module path.
     """
 
     count: jax.Array
+    skipped: jax.Array
     blocks: dict[str, BlockState]
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every number in ``tree`` is finite, as a ``()`` bool."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
 
 
 def _init_block(spec: _layers.BlockSpec) -> BlockState:
@@ -200,6 +209,7 @@ def _scale_by_kfe(
         blocks = _layers.find_blocks(params, layers)
         return ScaleByEkfacState(
             count=jnp.zeros([], jnp.int32),
+            skipped=jnp.zeros([], jnp.int32),
             blocks={path: _init_block(spec) for path, spec in blocks.items()},
         )
 
@@ -290,8 +300,18 @@ def _scale_by_kfe(
             )
             blocks[path] = block._replace(scalings=scalings)
 
-        updates = _layers.replace_blocks(updates, new_updates)
-        return updates, ScaleByEkfacState(count=numerics.safe_increment(count), blocks=blocks)
+        # A step with a non-finite input or result changes nothing but `skipped`.
+        finite = _all_finite((updates, h_aug, delta, new_updates, blocks))
+        applied = ScaleByEkfacState(
+            count=numerics.safe_increment(count), skipped=state.skipped, blocks=blocks
+        )
+        rejected = state._replace(skipped=numerics.safe_increment(state.skipped))
+        new_state = jax.tree.map(functools.partial(jnp.where, finite), applied, rejected)
+        updates = jax.tree.map(
+            lambda u: jnp.where(finite, u, jnp.zeros_like(u)),
+            _layers.replace_blocks(updates, new_updates),
+        )
+        return updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -332,6 +352,12 @@ def scale_by_ekfac(
 
     Parameters that are not in a block (LayerNorm, Embed, ...) pass through
     unchanged; :func:`ekfac_optax.summarize` lists what is preconditioned.
+
+    Non-finite numbers never enter the state: an update whose incoming
+    gradient, ``stats`` or result holds a NaN or Inf returns zeros and leaves
+    the state as it was, except ``skipped`` which counts such updates (and
+    ``count``, which counts applied updates only, does not move). A failed
+    ``eigh`` keeps that factor's previous eigenbasis.
 
     Args:
       damping: ``ε`` added to the scalings, a float or an optax schedule of the
