@@ -5,6 +5,7 @@ Gradient Descent in a Kronecker-factored Eigenbasis. NeurIPS 2018.
 """
 
 from ekfac_optax._capture import LayerStats, value_grad_and_stats
+from ekfac_optax._checkpoint import restore_state, save_state
 from ekfac_optax._layers import find_blocks, summarize
 from ekfac_optax._transform import (
     BlockState,
@@ -22,6 +23,8 @@ __all__ = [
     "ekfac",
     "find_blocks",
     "kfac",
+    "restore_state",
+    "save_state",
     "scale_by_ekfac",
     "scale_by_kfac",
     "summarize",

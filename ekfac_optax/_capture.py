@@ -144,6 +144,7 @@ def value_grad_and_stats(
       with respect to ``params`` and ``stats`` a dict from module path to
       :class:`LayerStats`.
     """
+    layers = _layers.layer_paths(layers)
     layer_set = None if layers is None else frozenset(layers)
 
     def run(interceptor, params, args, kwargs):

@@ -91,30 +91,47 @@ def subtree(params: Mapping[str, Any], path: str) -> Any:
     return node
 
 
+def layer_paths(layers: Sequence[str] | None) -> tuple[str, ...] | None:
+    """Validates a ``layers`` argument: ``None`` or a sequence of module paths."""
+    if layers is None:
+        return None
+    if isinstance(layers, str) or not all(isinstance(p, str) for p in layers):
+        raise TypeError(f"layers must be a sequence of module paths (strings), got {layers!r}")
+    return tuple(layers)
+
+
+def _bias_fits(node: Mapping[str, Any]) -> bool:
+    bias = node.get(BIAS)
+    return bias is None or tuple(jnp.shape(bias)) == (jnp.shape(node[KERNEL])[-1],)
+
+
 def find_blocks(params: Any, layers: Sequence[str] | None = None) -> dict[str, BlockSpec]:
     """Infers the Kronecker blocks of a Flax parameter tree.
 
     Args:
       params: the parameter tree (the ``"params"`` collection).
       layers: optional explicit list of module paths to precondition. Each must
-        hold a ``kernel`` of at least two axes. ``None`` takes every such
-        ``kernel`` in the tree.
+        hold a ``kernel`` of at least two axes and, if any, a ``bias`` of shape
+        ``(d_out,)``. ``None`` takes every such ``kernel`` in the tree; others
+        (e.g. an ``nn.DenseGeneral`` with several output axes and a bias) are
+        left to the identity.
 
     Returns:
       A dict from module path to :class:`BlockSpec`, sorted by path.
 
     Raises:
+      TypeError: if ``layers`` is not a sequence of strings.
       ValueError: if a path in ``layers`` holds no usable ``kernel``.
     """
+    layers = layer_paths(layers)
     if layers is None:
         paths = []
         for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
             names = [str(getattr(k, "key", k)) for k in key_path]
             if names[-1] == KERNEL and jnp.ndim(leaf) >= 2:
-                paths.append(path_key(names[:-1]))
+                if _bias_fits(subtree(params, path_key(names[:-1]))):
+                    paths.append(path_key(names[:-1]))
     else:
-        if isinstance(layers, str):
-            raise TypeError(f"layers must be a sequence of module paths, got the string {layers!r}")
         paths = list(layers)
     blocks = {}
     for path in sorted(paths):
@@ -123,19 +140,18 @@ def find_blocks(params: Any, layers: Sequence[str] | None = None) -> dict[str, B
         if kernel is None or jnp.ndim(kernel) < 2:
             raise ValueError(
                 f"layers: {path!r} holds no kernel parameter with at least 2 axes "
-                f"(found {None if node is None else sorted(node)})"
+                f"(found {None if node is None else sorted(node)}); remove it from layers"
             )
-        bias = node.get(BIAS)
-        has_bias = bias is not None
-        if has_bias and tuple(jnp.shape(bias)) != (jnp.shape(kernel)[-1],):
+        if not _bias_fits(node):
             raise ValueError(
-                f"layer {path!r}: bias has shape {tuple(jnp.shape(bias))}, expected "
-                f"({jnp.shape(kernel)[-1]},) to match kernel {tuple(jnp.shape(kernel))}"
+                f"layers: {path!r} has a bias of shape {tuple(jnp.shape(node[BIAS]))}, expected "
+                f"({jnp.shape(kernel)[-1]},) to match kernel {tuple(jnp.shape(kernel))}; "
+                "remove it from layers"
             )
         blocks[path] = BlockSpec(
             path=path,
             kernel_shape=tuple(jnp.shape(kernel)),
-            has_bias=has_bias,
+            has_bias=BIAS in node,
             dtype=curvature_dtype(jnp.result_type(kernel)),
         )
     return blocks

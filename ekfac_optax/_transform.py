@@ -90,20 +90,40 @@ def _init_block(spec: _layers.BlockSpec) -> BlockState:
     )
 
 
+def _concrete(value: Any) -> float | None:
+    """A Python or concrete-array number as a float; None for tracers and schedules."""
+    if isinstance(value, jax.core.Tracer) or callable(value):
+        return None
+    if isinstance(value, bool) or jnp.ndim(value) != 0:
+        raise TypeError(f"expected a scalar number, got {value!r}")
+    return float(value)
+
+
 def _check_hyperparameters(damping, basis_update_every, factor_decay, scaling_decay):
-    if isinstance(damping, numbers.Real) and not damping >= 0:
+    damping_value = _concrete(damping)
+    if damping_value is not None and not damping_value >= 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
-    if isinstance(basis_update_every, numbers.Real) and (
-        basis_update_every < 1 or int(basis_update_every) != basis_update_every
-    ):
+    every = _concrete(basis_update_every)
+    if every is not None and not (every >= 1 and every == int(every)):
         raise ValueError(f"basis_update_every must be an integer >= 1, got {basis_update_every}")
     for name, decay in (("factor_decay", factor_decay), ("scaling_decay", scaling_decay)):
-        if isinstance(decay, numbers.Real) and not 0 <= decay < 1:
+        value = _concrete(decay)
+        if value is not None and not 0 <= value < 1:
             raise ValueError(f"{name} must be in [0, 1), got {decay}")
 
 
 def _block_specs(updates: Any, state: ScaleByEkfacState, layers) -> dict[str, _layers.BlockSpec]:
     """The blocks of ``updates``, checked against the state; curvature dtype of the state."""
+    for path in state.blocks:
+        node = _layers.subtree(updates, path)
+        if isinstance(node, Mapping) and _layers.KERNEL in node and _layers.BIAS in node:
+            d_out = jnp.shape(node[_layers.KERNEL])[-1]
+            if jnp.shape(node[_layers.BIAS]) != (d_out,):
+                raise ValueError(
+                    f"scale_by_ekfac: updates of layer {path!r}: bias has shape "
+                    f"{jnp.shape(node[_layers.BIAS])}, expected ({d_out},) to match kernel "
+                    f"{jnp.shape(node[_layers.KERNEL])}"
+                )
     specs = _layers.find_blocks(updates, layers)
     if set(specs) != set(state.blocks):
         raise ValueError(
@@ -111,17 +131,19 @@ def _block_specs(updates: Any, state: ScaleByEkfacState, layers) -> dict[str, _l
             f"only in updates {sorted(set(specs) - set(state.blocks))}, "
             f"only in state {sorted(set(state.blocks) - set(specs))}"
         )
-    checked = {}
-    for path, spec in specs.items():
-        block = state.blocks[path]
-        expected = (spec.d_in_aug, spec.d_out)
-        if block.scalings.shape != expected:
-            raise ValueError(
-                f"scale_by_ekfac: layer {path!r}: state block has shape {block.scalings.shape}, "
-                f"expected {expected} from kernel {spec.kernel_shape} (bias={spec.has_bias})"
-            )
-        checked[path] = dataclasses.replace(spec, dtype=block.scalings.dtype)
-    return checked
+    wrong = {
+        path: f"state {state.blocks[path].scalings.shape}, expected {(s.d_in_aug, s.d_out)}"
+        for path, s in specs.items()
+        if state.blocks[path].scalings.shape != (s.d_in_aug, s.d_out)
+    }
+    if wrong:
+        raise ValueError(
+            f"scale_by_ekfac: the optimizer state does not match the layers' shapes: {wrong}"
+        )
+    return {
+        path: dataclasses.replace(spec, dtype=state.blocks[path].scalings.dtype)
+        for path, spec in specs.items()
+    }
 
 
 def _check_stats(stats: Any, specs: Mapping[str, _layers.BlockSpec]) -> None:
@@ -173,20 +195,6 @@ def _check_stats(stats: Any, specs: Mapping[str, _layers.BlockSpec]) -> None:
         batch = (path, n)
 
 
-def _check_updates(updates: Any, specs: Mapping[str, _layers.BlockSpec]) -> None:
-    for path, spec in specs.items():
-        node = _layers.subtree(updates, path)
-        for name, shape in ((_layers.KERNEL, spec.kernel_shape), (_layers.BIAS, (spec.d_out,))):
-            if name == _layers.BIAS and not spec.has_bias:
-                continue
-            actual = jnp.shape(node[name])
-            if actual != shape:
-                raise ValueError(
-                    f"scale_by_ekfac: updates[{path!r}][{name!r}]: expected shape {shape}, "
-                    f"got {actual}"
-                )
-
-
 def _scale_by_kfe(
     damping: ScalarOrSchedule,
     basis_update_every: jax.typing.ArrayLike,
@@ -202,8 +210,7 @@ def _scale_by_kfe(
         raise ValueError(f"scaling must be 'batch' or 'running', got {scaling!r}")
     if damping_mode not in ("tikhonov", "factored"):
         raise ValueError(f"damping_mode must be 'tikhonov' or 'factored', got {damping_mode!r}")
-    if layers is not None:
-        layers = tuple(layers)
+    layers = _layers.layer_paths(layers)
 
     def init_fn(params):
         blocks = _layers.find_blocks(params, layers)
@@ -217,7 +224,6 @@ def _scale_by_kfe(
         del params, extra_args
         specs = _block_specs(updates, state, layers)
         _check_stats(stats, specs)
-        _check_updates(updates, specs)
         count = state.count
         damping_now = damping(count) if callable(damping) else damping
 

@@ -1,0 +1,114 @@
+"""Checkpoints (orbax) and determinism: resumed or repeated training is bit-identical."""
+
+import hashlib
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ekfac_optax as ek
+from tests.test_reliability import MLP, NO_POISON, assert_trees_equal, digits_batches, make_step
+
+
+@pytest.fixture(scope="module")
+def training():
+    model = MLP()
+    tx = ek.ekfac(0.05, damping=1e-2, basis_update_every=3, factor_decay=0.9, scaling="running")
+    step = make_step(model, tx)
+    batches = digits_batches(10)
+    params = model.init(jax.random.key(0), batches[0][0])["params"]
+    return tx, step, batches, params
+
+
+def train(step, params, opt_state, batches):
+    for x, y in batches:
+        params, opt_state, _ = step(params, opt_state, x, y, NO_POISON)
+    return params, opt_state
+
+
+def test_resume_from_checkpoint_is_bit_identical(training, tmp_path):
+    tx, step, batches, params0 = training
+    straight = train(step, params0, tx.init(params0), batches)
+
+    params, opt_state = train(step, params0, tx.init(params0), batches[:4])
+    ek.save_state(tmp_path / "ckpt", {"params": params, "opt_state": opt_state})
+    del params, opt_state
+    like = {"params": params0, "opt_state": tx.init(params0)}
+    restored = ek.restore_state(tmp_path / "ckpt", like)
+    assert jax.tree.structure(restored) == jax.tree.structure(like)
+    resumed = train(step, restored["params"], restored["opt_state"], batches[4:])
+    assert_trees_equal(resumed, straight)
+
+
+def test_checkpoint_of_another_model_names_the_layers(training, tmp_path):
+    tx, _, batches, params0 = training
+    ek.save_state(tmp_path / "ckpt", tx.init(params0))
+
+    wider = MLP(widths=(48, 10)).init(jax.random.key(0), batches[0][0])["params"]
+    with pytest.raises(ValueError, match=r"Dense_0.*float32\[33, 33\] in checkpoint.*\[49, 49\]"):
+        ek.restore_state(tmp_path / "ckpt", tx.init(wider))
+
+    deeper = MLP(widths=(32, 16, 10)).init(jax.random.key(0), batches[0][0])["params"]
+    with pytest.raises(ValueError, match=r"layers only in the model \['Dense_2'\]"):
+        ek.restore_state(tmp_path / "ckpt", tx.init(deeper))
+
+
+def training_digest() -> str:
+    """sha256 of the params, states and losses of EKFAC and EKFAC-ra runs on digits."""
+    model = MLP()
+    batches = digits_batches(6)
+    params = model.init(jax.random.key(0), batches[0][0])["params"]
+    digest = hashlib.sha256()
+    for scaling in ("batch", "running"):
+        tx = ek.ekfac(0.05, damping=1e-2, basis_update_every=2, scaling=scaling)
+        step = make_step(model, tx)
+        p, s = params, tx.init(params)
+        for x, y in batches:
+            p, s, loss = step(p, s, x, y, NO_POISON)
+        for leaf in jax.tree.leaves((p, s, loss)):
+            digest.update(np.asarray(leaf).tobytes())
+    return digest.hexdigest()
+
+
+def test_same_seed_is_bit_identical_across_processes():
+    """A fresh process (own compilation, own thread pool) gives the same bytes as this one."""
+    script = (
+        "import jax; jax.config.update('jax_enable_x64', True)\n"
+        "from tests.test_checkpoint import training_digest; print(training_digest())"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=pathlib.Path(__file__).parents[1],
+    ).stdout.strip()
+    assert len(other) == 64
+    assert other == training_digest()
+
+
+def test_conv_model_checkpoint_round_trip(tmp_path):
+    """A conv + dense state (float64 curvature) restores exactly, dtypes included."""
+
+    class CNN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(4, (3, 3), param_dtype=jnp.float64)(x)
+            return nn.Dense(3, param_dtype=jnp.float64)(x.reshape(x.shape[0], -1))
+
+    params = CNN().init(jax.random.key(1), jnp.ones((2, 5, 5, 1)))["params"]
+    tx = ek.scale_by_kfac(damping=1e-2)
+    state = tx.init(params)
+    state = state._replace(
+        blocks={p: b._replace(factor_a=b.factor_a + 1.5) for p, b in state.blocks.items()}
+    )
+    ek.save_state(tmp_path / "c", state)
+    restored = ek.restore_state(tmp_path / "c", tx.init(params))
+    assert isinstance(restored, ek.ScaleByEkfacState)
+    assert restored.blocks["Conv_0"].factor_a.dtype == np.float64
+    assert_trees_equal(restored, state)

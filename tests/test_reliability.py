@@ -1,0 +1,179 @@
+"""Reliability: non-finite steps are skipped exactly, hard curvature never produces NaN/Inf."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from sklearn.datasets import load_digits
+
+import ekfac_optax as ek
+
+BATCH = 32
+
+
+class MLP(nn.Module):
+    widths: tuple[int, ...] = (32, 10)
+    activation: str = "tanh"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        for i, width in enumerate(self.widths):
+            x = nn.Dense(width, dtype=self.dtype, param_dtype=self.dtype)(x)
+            if i < len(self.widths) - 1:
+                x = getattr(nn, self.activation)(x)
+        return x
+
+
+def digits_batches(steps, batch=BATCH, dtype=jnp.float32):
+    data = load_digits()
+    x = jnp.asarray(data.data / 16.0, dtype)
+    y = jnp.asarray(data.target)
+    order = np.random.default_rng(0).permutation(len(y))
+    idx = [order[(i * batch) % 1760 : (i * batch) % 1760 + batch] for i in range(steps)]
+    return [(x[i], y[i]) for i in idx]
+
+
+NO_POISON = {"grads": 0.0, "h": 0.0, "delta": 0.0}
+
+
+def make_step(model, tx):
+    """A jitted train step; `poison[k]` is added to one number of the grads, h or delta."""
+
+    def loss_fn(params, x, y):
+        logits = model.apply({"params": params}, x).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    grad_fn = ek.value_grad_and_stats(loss_fn)
+
+    @jax.jit
+    def step(params, opt_state, x, y, poison):
+        loss, grads, stats = grad_fn(params, x, y)
+        grads = jax.tree.map(lambda g: g.at[(0,) * g.ndim].add(poison["grads"]), grads)
+        stats = {
+            path: ek.LayerStats(
+                h=s.h.at[-1, 0, 0].add(poison["h"]), delta=s.delta.at[0, 0, 0].add(poison["delta"])
+            )
+            for path, s in stats.items()
+        }
+        updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def assert_trees_equal(a, b):
+    chex_leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in chex_leaves:
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def ekfac_state(opt_state):
+    return next(s for s in opt_state if isinstance(s, ek.ScaleByEkfacState))
+
+
+POISON = {"grads": jnp.inf, "h": jnp.inf, "delta": jnp.nan}
+
+
+@functools.cache
+def chained_step(scaling):
+    """One compiled step per preconditioner, shared by the parametrized cases."""
+    precond = (
+        ek.scale_by_kfac(damping=1e-2, basis_update_every=3, factor_decay=0.9)
+        if scaling == "kfac"
+        else ek.scale_by_ekfac(
+            damping=1e-2, basis_update_every=3, factor_decay=0.9, scaling=scaling
+        )
+    )
+    tx = optax.chain(precond, optax.clip_by_global_norm(1.0), optax.scale_by_learning_rate(0.1))
+    return tx, make_step(MLP(), tx)
+
+
+@pytest.mark.parametrize("corrupt", ["input", "grads", "delta", "h"])
+@pytest.mark.parametrize("scaling", ["batch", "running", "kfac"])
+def test_nonfinite_step_equals_skipping_the_batch(corrupt, scaling):
+    """A NaN/Inf at step k leaves params and state exactly as if batch k had been skipped."""
+    model = MLP()
+    tx, step = chained_step(scaling)
+    batches = digits_batches(8)
+    params0 = model.init(jax.random.key(0), batches[0][0])["params"]
+    k = 4
+
+    def run(skip):
+        params, opt_state = params0, tx.init(params0)
+        for i, (x, y) in enumerate(batches):
+            if i == k and skip:
+                continue
+            if i == k:
+                before = params, opt_state
+                if corrupt == "input":
+                    x = x.at[0, 0].set(jnp.nan)
+                    params, opt_state, _ = step(params, opt_state, x, y, NO_POISON)
+                else:
+                    poison = dict(NO_POISON, **{corrupt: POISON[corrupt]})
+                    params, opt_state, _ = step(params, opt_state, x, y, poison)
+                # Nothing moved but the skip counter.
+                assert_trees_equal(params, before[0])
+                assert int(ekfac_state(opt_state).skipped) == 1
+                assert_trees_equal(
+                    ekfac_state(opt_state)._replace(skipped=0),
+                    ekfac_state(before[1])._replace(skipped=0),
+                )
+                continue
+            params, opt_state, _ = step(params, opt_state, x, y, NO_POISON)
+        return params, opt_state
+
+    params_bad, state_bad = run(skip=False)
+    params_skip, state_skip = run(skip=True)
+    assert_trees_equal(params_bad, params_skip)
+    assert int(ekfac_state(state_bad).skipped) == 1
+    assert int(ekfac_state(state_skip).skipped) == 0
+    assert int(ekfac_state(state_bad).count) == len(batches) - 1
+    assert_trees_equal(
+        ekfac_state(state_bad)._replace(skipped=0), ekfac_state(state_skip)._replace(skipped=0)
+    )
+    assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params_bad))
+
+
+def test_apply_if_finite_wraps_ekfac_under_jit():
+    """`optax.apply_if_finite` forwards `stats` and rejects the step as a whole."""
+    model = MLP()
+    tx = optax.apply_if_finite(ek.ekfac(0.1, damping=1e-2, basis_update_every=2), 3)
+    step = make_step(model, tx)
+    batches = digits_batches(4)
+    params = model.init(jax.random.key(0), batches[0][0])["params"]
+    opt_state = tx.init(params)
+    losses = []
+    for i, (x, y) in enumerate(batches):
+        before = params
+        poison = dict(NO_POISON, grads=jnp.inf if i == 2 else 0.0)
+        params, opt_state, loss = step(params, opt_state, x, y, poison)
+        losses.append(float(loss))
+        if i == 2:
+            assert_trees_equal(params, before)
+            assert int(opt_state.total_notfinite) == 1
+    assert int(opt_state.inner_state[0].count) == 3
+    assert np.isfinite(losses).all()
+
+
+def test_failed_eigh_keeps_previous_basis():
+    """`safe_eigh` of a non-finite factor returns the fallback pair and ok=False."""
+    from ekfac_optax._eigenbasis import safe_eigh
+
+    fallback_vals, fallback_basis = jnp.arange(3.0), jnp.eye(3)[::-1]
+    bad = jnp.eye(3).at[1, 2].set(jnp.nan)
+    vals, basis, ok = jax.jit(safe_eigh)(bad, fallback_vals, fallback_basis)
+    assert not bool(ok)
+    np.testing.assert_array_equal(vals, fallback_vals)
+    np.testing.assert_array_equal(basis, fallback_basis)
+    # A PSD factor with round-off: eigenvalues clipped at 0, reconstruction exact.
+    v = jax.random.normal(jax.random.key(0), (5, 2), jnp.float64)
+    factor = v @ v.T
+    vals, basis, ok = safe_eigh(factor, jnp.zeros(5), jnp.eye(5))
+    assert bool(ok) and bool(jnp.all(vals >= 0))
+    np.testing.assert_allclose(basis @ jnp.diag(vals) @ basis.T, factor, atol=1e-12)
