@@ -86,9 +86,15 @@ def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
     return patcher.apply({"params": {"kernel": eye}}, x)
 
 
-def _layer_stats(calls: list[_Call], deltas: list[jax.Array], n: int) -> LayerStats:
+def _layer_stats(path: str, calls: list[_Call], deltas: list[jax.Array], n: int) -> LayerStats:
     hs, ds = [], []
     for call, delta in zip(calls, deltas, strict=True):
+        if delta.size == 0:
+            raise ValueError(
+                f"value_grad_and_stats: layer {path!r} produced an empty output of shape "
+                f"{delta.shape} from an input of shape {call.inputs.shape} (e.g. a VALID conv "
+                "whose kernel is larger than its input); it has no statistics"
+            )
         h = call.inputs if call.kind == "dense" else _conv_patches(call.module, call.inputs)
         hs.append(jnp.reshape(h, (n, -1, h.shape[-1])))
         ds.append(jnp.reshape(delta, (n, -1, delta.shape[-1])))
@@ -188,7 +194,7 @@ def value_grad_and_stats(
         }
         n = _batch_size(calls)
         stats = {
-            path: _layer_stats(cs, [n * d for d in probe_grads[path]], n)
+            path: _layer_stats(path, cs, [n * d for d in probe_grads[path]], n)
             for path, cs in calls.items()
         }
         return ((loss, aux) if has_aux else loss), grads, stats
