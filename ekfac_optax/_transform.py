@@ -17,19 +17,16 @@ References:
   convolution layers. ICML 2016. https://arxiv.org/abs/1602.01407
 """
 
-import dataclasses
 import functools
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
-from ekfac_optax import _eigenbasis, _factors, _layers, _scalings
-from ekfac_optax._capture import LayerStats
+from ekfac_optax import _eigenbasis, _factors, _layers, _scalings, _validation
 
 Scaling = Literal["batch", "running", "kfac"]
 ScalarOrSchedule = jax.typing.ArrayLike | optax.Schedule
@@ -90,111 +87,6 @@ def _init_block(spec: _layers.BlockSpec) -> BlockState:
     )
 
 
-def _concrete(value: Any) -> float | None:
-    """A Python or concrete-array number as a float; None for tracers and schedules."""
-    if isinstance(value, jax.core.Tracer) or callable(value):
-        return None
-    if isinstance(value, bool) or jnp.ndim(value) != 0:
-        raise TypeError(f"expected a scalar number, got {value!r}")
-    return float(value)
-
-
-def _check_hyperparameters(damping, basis_update_every, factor_decay, scaling_decay):
-    damping_value = _concrete(damping)
-    if damping_value is not None and not damping_value >= 0:
-        raise ValueError(f"damping must be >= 0, got {damping}")
-    every = _concrete(basis_update_every)
-    if every is not None and not (every >= 1 and every == int(every)):
-        raise ValueError(f"basis_update_every must be an integer >= 1, got {basis_update_every}")
-    for name, decay in (("factor_decay", factor_decay), ("scaling_decay", scaling_decay)):
-        value = _concrete(decay)
-        if value is not None and not 0 <= value < 1:
-            raise ValueError(f"{name} must be in [0, 1), got {decay}")
-
-
-def _block_specs(updates: Any, state: ScaleByEkfacState, layers) -> dict[str, _layers.BlockSpec]:
-    """The blocks of ``updates``, checked against the state; curvature dtype of the state."""
-    for path in state.blocks:
-        node = _layers.subtree(updates, path)
-        if isinstance(node, Mapping) and _layers.KERNEL in node and _layers.BIAS in node:
-            d_out = jnp.shape(node[_layers.KERNEL])[-1]
-            if jnp.shape(node[_layers.BIAS]) != (d_out,):
-                raise ValueError(
-                    f"scale_by_ekfac: updates of layer {path!r}: bias has shape "
-                    f"{jnp.shape(node[_layers.BIAS])}, expected ({d_out},) to match kernel "
-                    f"{jnp.shape(node[_layers.KERNEL])}"
-                )
-    specs = _layers.find_blocks(updates, layers)
-    if set(specs) != set(state.blocks):
-        raise ValueError(
-            "scale_by_ekfac: the updates' layers do not match the optimizer state: "
-            f"only in updates {sorted(set(specs) - set(state.blocks))}, "
-            f"only in state {sorted(set(state.blocks) - set(specs))}"
-        )
-    wrong = {
-        path: f"state {state.blocks[path].scalings.shape}, expected {(s.d_in_aug, s.d_out)}"
-        for path, s in specs.items()
-        if state.blocks[path].scalings.shape != (s.d_in_aug, s.d_out)
-    }
-    if wrong:
-        raise ValueError(
-            f"scale_by_ekfac: the optimizer state does not match the layers' shapes: {wrong}"
-        )
-    return {
-        path: dataclasses.replace(spec, dtype=state.blocks[path].scalings.dtype)
-        for path, spec in specs.items()
-    }
-
-
-def _check_stats(stats: Any, specs: Mapping[str, _layers.BlockSpec]) -> None:
-    """Trace-time check of ``stats`` against the blocks: the layer, expected vs actual."""
-    if stats is None:
-        raise TypeError(
-            "scale_by_ekfac.update needs the keyword argument stats=..., the third output of "
-            "ek.value_grad_and_stats(loss_fn)(params, ...): "
-            "tx.update(grads, opt_state, params, stats=stats)"
-        )
-    if not isinstance(stats, Mapping):
-        raise TypeError(f"stats must be a dict from layer path to LayerStats, got {type(stats)}")
-    missing = sorted(set(specs) - set(stats))
-    if missing:
-        raise ValueError(
-            f"scale_by_ekfac: layers {missing} received no stats. value_grad_and_stats captures "
-            "nn.Dense and nn.Conv calls made inside loss_fn; a kernel of any other module must be "
-            "left out: pass layers=[...] without these paths to scale_by_ekfac (see "
-            "ek.summarize(params, layers)) and the same list to value_grad_and_stats."
-        )
-    extra = sorted(set(stats) - set(specs))
-    if extra:
-        raise ValueError(
-            f"scale_by_ekfac: stats has layers {extra} that are not Kronecker blocks of this "
-            f"optimizer (blocks: {sorted(specs)}); pass the same layers=[...] to "
-            "value_grad_and_stats and scale_by_ekfac"
-        )
-    batch = None
-    for path, spec in specs.items():
-        layer = stats[path]
-        if not isinstance(layer, LayerStats):
-            raise TypeError(f"stats[{path!r}] must be a LayerStats, got {type(layer)}")
-        h_shape, delta_shape = jnp.shape(layer.h), jnp.shape(layer.delta)
-        n, t = (h_shape[:2] + (None, None))[:2]
-        if len(h_shape) != 3 or h_shape[2] != spec.d_in:
-            raise ValueError(
-                f"stats[{path!r}].h: expected shape (N, T, {spec.d_in}) for kernel "
-                f"{spec.kernel_shape}, got {h_shape}"
-            )
-        if delta_shape != (n, t, spec.d_out):
-            raise ValueError(
-                f"stats[{path!r}].delta: expected shape {(n, t, spec.d_out)} for kernel "
-                f"{spec.kernel_shape} and h of shape {h_shape}, got {delta_shape}"
-            )
-        if batch is not None and n != batch[1]:
-            raise ValueError(
-                f"stats: batch sizes differ: {batch[0]!r} has {batch[1]}, {path!r} has {n}"
-            )
-        batch = (path, n)
-
-
 def _scale_by_kfe(
     damping: ScalarOrSchedule,
     basis_update_every: jax.typing.ArrayLike,
@@ -205,7 +97,7 @@ def _scale_by_kfe(
     layers: Sequence[str] | None,
 ) -> optax.GradientTransformationExtraArgs:
     """The shared machinery of :func:`scale_by_ekfac` and :func:`scale_by_kfac`."""
-    _check_hyperparameters(damping, basis_update_every, factor_decay, scaling_decay)
+    _validation.check_hyperparameters(damping, basis_update_every, factor_decay, scaling_decay)
     if scaling not in ("batch", "running", "kfac"):
         raise ValueError(f"scaling must be 'batch' or 'running', got {scaling!r}")
     if damping_mode not in ("tikhonov", "factored"):
@@ -222,8 +114,8 @@ def _scale_by_kfe(
 
     def update_fn(updates, state, params=None, *, stats=None, **extra_args):
         del params, extra_args
-        specs = _block_specs(updates, state, layers)
-        _check_stats(stats, specs)
+        specs = _validation.block_specs(updates, state.blocks, layers)
+        _validation.check_stats(stats, specs)
         count = state.count
         damping_now = damping(count) if callable(damping) else damping
 
@@ -310,9 +202,9 @@ def _scale_by_kfe(
         # A step with a non-finite input or result changes nothing but `skipped`.
         finite = _all_finite((updates, h_aug, delta, new_updates, blocks))
         applied = ScaleByEkfacState(
-            count=numerics.safe_increment(count), skipped=state.skipped, blocks=blocks
+            count=optax.safe_increment(count), skipped=state.skipped, blocks=blocks
         )
-        rejected = state._replace(skipped=numerics.safe_increment(state.skipped))
+        rejected = state._replace(skipped=optax.safe_increment(state.skipped))
         new_state = jax.tree.map(functools.partial(jnp.where, finite), applied, rejected)
         updates = jax.tree.map(
             lambda u: jnp.where(finite, u, jnp.zeros_like(u)),
@@ -445,70 +337,4 @@ def scale_by_kfac(
     """
     return _scale_by_kfe(
         damping, basis_update_every, factor_decay, "kfac", 0.0, damping_mode, layers
-    )
-
-
-def ekfac(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    damping: ScalarOrSchedule = 1e-3,
-    basis_update_every: jax.typing.ArrayLike = 20,
-    factor_decay: jax.typing.ArrayLike = 0.95,
-    scaling: Literal["batch", "running"] = "batch",
-    scaling_decay: jax.typing.ArrayLike = 0.95,
-    damping_mode: _scalings.DampingMode = "tikhonov",
-    layers: Sequence[str] | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    """EKFAC: :func:`scale_by_ekfac` then ``optax.scale_by_learning_rate``.
-
-    Args:
-      learning_rate: a float or an optax schedule.
-      damping, basis_update_every, factor_decay, scaling, scaling_decay,
-      damping_mode, layers: see :func:`scale_by_ekfac`.
-
-    Returns:
-      An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` to ``update``.
-    """
-    return optax.chain(
-        scale_by_ekfac(
-            damping=damping,
-            basis_update_every=basis_update_every,
-            factor_decay=factor_decay,
-            scaling=scaling,
-            scaling_decay=scaling_decay,
-            damping_mode=damping_mode,
-            layers=layers,
-        ),
-        optax.scale_by_learning_rate(learning_rate),
-    )
-
-
-def kfac(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    damping: ScalarOrSchedule = 1e-3,
-    basis_update_every: jax.typing.ArrayLike = 20,
-    factor_decay: jax.typing.ArrayLike = 0.95,
-    damping_mode: _scalings.DampingMode = "tikhonov",
-    layers: Sequence[str] | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    """KFAC: :func:`scale_by_kfac` then ``optax.scale_by_learning_rate``.
-
-    Args:
-      learning_rate: a float or an optax schedule.
-      damping, basis_update_every, factor_decay, damping_mode, layers: see
-        :func:`scale_by_kfac`.
-
-    Returns:
-      An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` to ``update``.
-    """
-    return optax.chain(
-        scale_by_kfac(
-            damping=damping,
-            basis_update_every=basis_update_every,
-            factor_decay=factor_decay,
-            damping_mode=damping_mode,
-            layers=layers,
-        ),
-        optax.scale_by_learning_rate(learning_rate),
     )

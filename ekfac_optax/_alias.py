@@ -1,0 +1,76 @@
+"""Aliases: each preconditioner chained with ``optax.scale_by_learning_rate``."""
+
+from collections.abc import Sequence
+from typing import Literal
+
+import jax
+import optax
+
+from ekfac_optax import _scalings
+from ekfac_optax._transform import ScalarOrSchedule, scale_by_ekfac, scale_by_kfac
+
+
+def ekfac(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    damping: ScalarOrSchedule = 1e-3,
+    basis_update_every: jax.typing.ArrayLike = 20,
+    factor_decay: jax.typing.ArrayLike = 0.95,
+    scaling: Literal["batch", "running"] = "batch",
+    scaling_decay: jax.typing.ArrayLike = 0.95,
+    damping_mode: _scalings.DampingMode = "tikhonov",
+    layers: Sequence[str] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """EKFAC: :func:`scale_by_ekfac` then ``optax.scale_by_learning_rate``.
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      damping, basis_update_every, factor_decay, scaling, scaling_decay,
+      damping_mode, layers: see :func:`scale_by_ekfac`.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` to ``update``.
+    """
+    return optax.chain(
+        scale_by_ekfac(
+            damping=damping,
+            basis_update_every=basis_update_every,
+            factor_decay=factor_decay,
+            scaling=scaling,
+            scaling_decay=scaling_decay,
+            damping_mode=damping_mode,
+            layers=layers,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def kfac(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    damping: ScalarOrSchedule = 1e-3,
+    basis_update_every: jax.typing.ArrayLike = 20,
+    factor_decay: jax.typing.ArrayLike = 0.95,
+    damping_mode: _scalings.DampingMode = "tikhonov",
+    layers: Sequence[str] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """KFAC: :func:`scale_by_kfac` then ``optax.scale_by_learning_rate``.
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      damping, basis_update_every, factor_decay, damping_mode, layers: see
+        :func:`scale_by_kfac`.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` to ``update``.
+    """
+    return optax.chain(
+        scale_by_kfac(
+            damping=damping,
+            basis_update_every=basis_update_every,
+            factor_decay=factor_decay,
+            damping_mode=damping_mode,
+            layers=layers,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
