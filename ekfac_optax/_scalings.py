@@ -5,7 +5,7 @@
 - ``running_scalings`` (EKFAC-ra): a moving average of ``N (U_Aᵀ g U_B)²``.
 - ``kfac_scalings`` (KFAC): ``T · S_A ⊗ S_B``, the eigenvalues of ``T · A ⊗ B``.
 - ``damped``: the denominator ``s + damping`` (Tikhonov) or the factored
-  damping of Appendix C.
+  damping of Appendix C; ``divide`` applies it.
 """
 
 from typing import Literal
@@ -89,3 +89,18 @@ def damped(
         root = jnp.sqrt(damping)
         return scalings + damping + root * (positions * eigvals_a[:, None] + eigvals_b[None, :])
     raise ValueError(f"damping_mode must be 'tikhonov' or 'factored', got {mode!r}")
+
+
+def divide(grad_kfe: jax.Array, denominator: jax.Array, damping) -> jax.Array:
+    """``grad_kfe / denominator``; with ``damping = 0`` the pseudo-inverse.
+
+    Without damping, the scalings of directions with no curvature are round-off
+    rather than zero. As in ``numpy.linalg.pinv``, denominators at most
+    ``max(denominator) · max(a, b) · eps`` count as zero, and those directions
+    get no step. With ``damping > 0`` every direction is divided exactly.
+    """
+    eps = jnp.finfo(denominator.dtype).eps
+    cutoff = jnp.max(denominator) * max(denominator.shape) * eps
+    tol = jnp.where(jnp.asarray(damping, denominator.dtype) == 0, cutoff, 0)
+    keep = denominator > tol
+    return jnp.where(keep, grad_kfe / jnp.where(keep, denominator, 1), 0)

@@ -190,10 +190,9 @@ def _scale_by_kfe(
             denominator = _scalings.damped(
                 scalings, damping_now, block.eigvals_a, block.eigvals_b, positions, damping_mode
             )
-            # Pseudo-inverse: a direction with zero curvature and zero damping gets no step.
-            safe = denominator > 0
-            scaled = jnp.where(safe, grad_kfe / jnp.where(safe, denominator, 1), 0)
-            preconditioned = _eigenbasis.from_eigenbasis(scaled, block.basis_a, block.basis_b)
+            preconditioned = _eigenbasis.from_eigenbasis(
+                _scalings.divide(grad_kfe, denominator, damping_now), block.basis_a, block.basis_b
+            )
             new_updates[path] = _layers.from_matrix(
                 preconditioned, _layers.subtree(updates, path), spec
             )
@@ -260,8 +259,8 @@ def scale_by_ekfac(
 
     Args:
       damping: ``ε >= 0`` added to the scalings, a float or an optax schedule of
-        the update count. With ``ε = 0`` a direction whose scaling is 0 gets no
-        step (the pseudo-inverse).
+        the update count. ``ε = 0`` gives the pseudo-inverse: directions whose
+        scaling is 0 up to round-off (relative ``max(a, b) · eps``) get no step.
       basis_update_every: recompute the eigenbasis every this many updates.
       factor_decay: decay of the moving averages of ``A`` and ``B``, in ``[0, 1)``.
       scaling: ``"batch"`` (EKFAC) or ``"running"`` (EKFAC-ra).

@@ -15,24 +15,32 @@ from ekfac_optax import _layers
 from ekfac_optax._capture import LayerStats
 
 
-def concrete(value: Any) -> float | None:
-    """A Python or concrete-array number as a float; None for tracers and schedules."""
-    if isinstance(value, jax.core.Tracer) or callable(value):
+def concrete(name: str, value: Any) -> float | None:
+    """A Python, numpy or concrete-array number as a float; None for tracers and schedules."""
+    if isinstance(value, jax.core.Tracer) or (callable(value) and name == "damping"):
         return None
-    if isinstance(value, bool) or jnp.ndim(value) != 0:
-        raise TypeError(f"expected a scalar number, got {value!r}")
+    if (
+        value is None
+        or isinstance(value, (bool, str))
+        or not jnp.issubdtype(jnp.result_type(value), jnp.number)
+        or jnp.ndim(value) != 0
+    ):
+        raise TypeError(f"{name} must be a scalar number, got {value!r}")
     return float(value)
 
 
 def check_hyperparameters(damping, basis_update_every, factor_decay, scaling_decay):
-    damping_value = concrete(damping)
+    """Raises ValueError/TypeError, naming the hyperparameter, for a value out of range."""
+    damping_value = concrete("damping", damping)
     if damping_value is not None and not damping_value >= 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
-    every = concrete(basis_update_every)
-    if every is not None and not (every >= 1 and every == int(every)):
-        raise ValueError(f"basis_update_every must be an integer >= 1, got {basis_update_every}")
+    every = concrete("basis_update_every", basis_update_every)
+    if every is not None and not (1 <= every < 2**31 and every == int(every)):
+        raise ValueError(
+            f"basis_update_every must be an integer in [1, 2**31), got {basis_update_every}"
+        )
     for name, decay in (("factor_decay", factor_decay), ("scaling_decay", scaling_decay)):
-        value = concrete(decay)
+        value = concrete(name, decay)
         if value is not None and not 0 <= value < 1:
             raise ValueError(f"{name} must be in [0, 1), got {decay}")
 

@@ -45,6 +45,7 @@ CASES = {
     "bfloat16": (32, lambda x: x.astype(jnp.bfloat16), {"dtype": jnp.bfloat16}),
 }
 
+
 def chained(precond):
     """The README's recipe: precondition, clip the update norm, scale by the learning rate."""
     return optax.chain(precond, optax.clip_by_global_norm(1.0), optax.scale_by_learning_rate(0.1))
@@ -104,3 +105,13 @@ def test_soak(case, optimizer):
     # The loss does not blow up: the last 100 steps stay below the first step's loss, up to
     # the noise of one batch (a 1.5x margin; a diverging run is orders of magnitude above).
     assert float(losses[-100:].mean()) <= 1.5 * float(losses[0]), (losses[0], losses[-100:].mean())
+
+
+if __name__ == "__main__":
+    # The README's soak table: python tests/test_soak.py
+    for case in sorted(CASES):
+        row = []
+        for optimizer in sorted(OPTIMIZERS):
+            _, _, losses = soak(case, optimizer)
+            row.append(f"{float(losses[0]):.3f} → {float(losses[-100:].mean()):.3f}")
+        print(f"| {case} | " + " | ".join(row) + " |", flush=True)
