@@ -108,7 +108,8 @@ def test_soak(case, optimizer):
 
 
 if __name__ == "__main__":
-    # The README's soak table: python tests/test_soak.py
+    # The README's soak table: python tests/test_soak.py (float64 enabled, as in conftest.py)
+    jax.config.update("jax_enable_x64", True)
     for case in sorted(CASES):
         row = []
         for optimizer in sorted(OPTIMIZERS):
