@@ -229,12 +229,13 @@ def test_non_scalar_loss(has_aux):
 # Hyperparameters
 
 
+EVERY = r"basis_update_every must be an integer in \[1, 2\*\*31\), got "
 BAD_HYPERPARAMETERS = [
     (dict(damping=-1.0), r"damping must be >= 0, got -1\.0"),
     (dict(damping=float("nan")), r"damping must be >= 0, got nan"),
-    (dict(basis_update_every=0), r"basis_update_every must be an integer in \[1, 2\*\*31\), got 0"),
-    (dict(basis_update_every=-3), r"basis_update_every must be an integer in \[1, 2\*\*31\), got -3"),
-    (dict(basis_update_every=2.5), r"basis_update_every must be an integer in \[1, 2\*\*31\), got 2\.5"),
+    (dict(basis_update_every=0), EVERY + r"0"),
+    (dict(basis_update_every=-3), EVERY + r"-3"),
+    (dict(basis_update_every=2.5), EVERY + r"2\.5"),
     (dict(factor_decay=1.0), r"factor_decay must be in \[0, 1\), got 1\.0"),
     (dict(factor_decay=-0.1), r"factor_decay must be in \[0, 1\), got -0\.1"),
     (dict(scaling="kfac"), r"scaling must be 'batch' or 'running', got 'kfac'"),
