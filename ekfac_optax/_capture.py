@@ -73,17 +73,25 @@ def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
     """SUA input patches of a conv, ``(batch..., positions..., prod(k) * c_in)``.
 
     The patches are the output of the same convolution (same padding, strides,
-    dilations, via ``module.clone``) with an identity kernel, so feature ``f``
-    of the output is ``kernel.reshape(-1, c_out)``'s row ``f``.
+    dilations, via ``module.clone``) with a depthwise identity kernel: group
+    ``c`` (input channel ``c``) outputs its ``prod(k)`` window values. They are
+    reordered position-major, channel-minor, so feature ``f`` is row ``f`` of
+    ``kernel.reshape(-1, c_out)``.
     """
     kernel_size = module.kernel_size
     kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
-    n_features = math.prod(kernel_size) * x.shape[-1]
-    eye = jnp.eye(n_features, dtype=x.dtype).reshape(*kernel_size, x.shape[-1], n_features)
+    window, channels = math.prod(kernel_size), x.shape[-1]
+    eye = jnp.eye(window, dtype=x.dtype).reshape(*kernel_size, 1, window)
     patcher = module.clone(
-        parent=None, features=n_features, use_bias=False, precision=jax.lax.Precision.HIGHEST
+        parent=None,
+        features=window * channels,
+        feature_group_count=channels,
+        use_bias=False,
+        precision=jax.lax.Precision.HIGHEST,
     )
-    return patcher.apply({"params": {"kernel": eye}}, x)
+    out = patcher.apply({"params": {"kernel": jnp.tile(eye, channels)}}, x)
+    out = out.reshape(*out.shape[:-1], channels, window)
+    return jnp.swapaxes(out, -1, -2).reshape(*out.shape[:-2], window * channels)
 
 
 def _layer_stats(path: str, calls: list[_Call], deltas: list[jax.Array], n: int) -> LayerStats:
