@@ -52,8 +52,6 @@ and ``approx_quality.md`` to ``--out``.
 
 import argparse
 import csv
-import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -66,6 +64,7 @@ import optax
 from flax import linen as nn
 
 import ekfac_optax as ek
+from benchmarks._common import machine_info
 
 WIDTHS = (32, 16, 10)
 LAYERS = ("Dense_0", "Dense_1", "Dense_2")
@@ -202,22 +201,6 @@ def init_params(rng):
         }
         for name, d_in, d_out in zip(LAYERS, (64,) + WIDTHS[:-1], WIDTHS, strict=True)
     }
-
-
-def machine_info():
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (
-        f"{model}, {os.cpu_count()} cores ({platform.machine()}), Python "
-        f"{platform.python_version()}, jax {jax.__version__} ({jax.default_backend()})"
-    )
 
 
 def parse_args(argv):

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import optax
 
 import ekfac_optax as ek
+from benchmarks._common import cpu_model, import_kfac_jax, kfac_jax_optimizer
 
 DAMPING = 1e-3
 LEARNING_RATE = 1e-4  # small, so that thousands of timed steps stay finite
@@ -174,19 +175,7 @@ def kfac_jax_status() -> tuple[Any, str]:
     what is computed or on its cost) and check on a tiny problem that a step runs.
     """
     try:
-        import kfac_jax
-        from kfac_jax._src import tag_graph_matcher
-
-        def eval_jaxpr_eqn(eqn, in_values):
-            params = eqn.primitive.get_bind_params(eqn.params)
-            if isinstance(params, tuple):  # JAX < 0.7: (subfuns, params)
-                subfuns, params = params
-                in_values = [*subfuns, *in_values]
-            with jax.extend.source_info_util.user_context(eqn.source_info.traceback):
-                out = eqn.primitive.bind(*in_values, **params)
-            return list(out) if eqn.primitive.multiple_results else [out]
-
-        tag_graph_matcher.eval_jaxpr_eqn = eval_jaxpr_eqn
+        kfac_jax = import_kfac_jax()
         problem = make_problem("probe", MLP(4, 1), (4, 3))
         runner = kfac_jax_runner(kfac_jax, problem, 2)
         carry = runner.run(runner.init(), 3)
@@ -213,22 +202,7 @@ def kfac_jax_runner(kfac_jax: Any, problem: Problem, period: int) -> Runner:
         kfac_jax.register_softmax_cross_entropy_loss(logits, y)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    optimizer = kfac_jax.Optimizer(
-        value_and_grad_func=jax.value_and_grad(loss_fn),
-        l2_reg=0.0,
-        use_adaptive_learning_rate=False,
-        learning_rate_schedule=lambda _: LEARNING_RATE,
-        use_adaptive_momentum=False,
-        momentum_schedule=lambda _: 0.0,
-        use_adaptive_damping=False,
-        damping_schedule=lambda _: DAMPING,
-        curvature_ema=FACTOR_DECAY,
-        inverse_update_period=period,
-        use_exact_inverses=True,
-        estimation_mode="fisher_empirical",
-        num_burnin_steps=0,
-        multi_device=False,
-    )
+    optimizer = kfac_jax_optimizer(kfac_jax, loss_fn, LEARNING_RATE, DAMPING, FACTOR_DECAY, period)
     batch = (problem.x, problem.y)
     rng = jax.random.key(1)
 
@@ -351,17 +325,6 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[pkg] = "not installed"
     return out
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def ratio(a: float | None, b: float | None) -> float:

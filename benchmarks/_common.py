@@ -1,0 +1,86 @@
+"""Pieces shared by the benchmarks: the machine's description and kfac-jax, the external peer."""
+
+import os
+import platform
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_info() -> str:
+    """One line: CPU, cores, architecture, Python, jax and its backend."""
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores visible ({platform.machine()}), Python "
+        f"{platform.python_version()}, jax {jax.__version__} ({jax.default_backend()})"
+    )
+
+
+def import_kfac_jax() -> Any:
+    """kfac-jax, made to run on this JAX; raises if it is not installed.
+
+    kfac-jax 0.0.8's tracer unpacks ``subfuns, params = primitive.get_bind_params(params)``;
+    since JAX 0.7 ``get_bind_params`` returns the params alone, so every step raises
+    ``ValueError: too many values to unpack``. Its one-equation evaluator is replaced by the
+    equivalent of ``jax.core.eval_jaxpr``'s loop body (a compatibility shim with no effect on
+    what is computed or on its cost).
+    """
+    import kfac_jax
+    from kfac_jax._src import tag_graph_matcher
+
+    def eval_jaxpr_eqn(eqn, in_values):
+        params = eqn.primitive.get_bind_params(eqn.params)
+        if isinstance(params, tuple):  # JAX < 0.7: (subfuns, params)
+            subfuns, params = params
+            in_values = [*subfuns, *in_values]
+        with jax.extend.source_info_util.user_context(eqn.source_info.traceback):
+            out = eqn.primitive.bind(*in_values, **params)
+        return list(out) if eqn.primitive.multiple_results else [out]
+
+    tag_graph_matcher.eval_jaxpr_eqn = eval_jaxpr_eqn
+    return kfac_jax
+
+
+def kfac_jax_optimizer(
+    kfac_jax: Any,
+    loss_fn: Callable,
+    learning_rate: float,
+    damping: float,
+    factor_decay: float,
+    period: int,
+) -> Any:
+    """kfac-jax's KFAC configured as ours: fixed learning rate and damping, no momentum.
+
+    ``use_exact_inverses=True`` inverts ``A ⊗ B + damping I`` exactly through the ``eigh`` of
+    ``A`` and ``B`` every ``period`` steps (like our ``damping_mode="tikhonov"``) rather than its
+    default pi-adjusted factored damping; ``estimation_mode="fisher_empirical"`` uses the true
+    labels, like our statistics. ``loss_fn`` must register its loss with kfac-jax.
+    """
+    return kfac_jax.Optimizer(
+        value_and_grad_func=jax.value_and_grad(loss_fn),
+        l2_reg=0.0,
+        use_adaptive_learning_rate=False,
+        learning_rate_schedule=lambda _: learning_rate,
+        use_adaptive_momentum=False,
+        momentum_schedule=lambda _: 0.0,
+        use_adaptive_damping=False,
+        damping_schedule=lambda _: damping,
+        curvature_ema=factor_decay,
+        inverse_update_period=period,
+        use_exact_inverses=True,
+        estimation_mode="fisher_empirical",
+        num_burnin_steps=0,
+        multi_device=False,
+    )
