@@ -445,20 +445,24 @@ class Problem:
         grads, stats = self._grads_and_stats(params, x, y)
         out = {}
         for name, (h, delta) in stats.items():
-            per_example = block_matrix(grads[name], batched=True)
-            has_bias = "bias" in params[name]
-            factor_a, factor_b, positions = factors(h, delta, has_bias)
-            out[name] = LayerReference(
-                per_example=per_example,
-                grad=per_example.mean(axis=0),
-                h=np.asarray(h),
-                delta=np.asarray(delta),
-                has_bias=has_bias,
-                factor_a=factor_a,
-                factor_b=factor_b,
-                positions=positions,
-            )
+            out[name] = layer_reference(grads[name], h, delta, "bias" in params[name])
         return out
+
+
+def layer_reference(layer_grads: Any, h: Any, delta: Any, has_bias: bool) -> "LayerReference":
+    """A layer's reference quantities from its per-example gradients, ``h`` and ``delta``."""
+    per_example = block_matrix(layer_grads, batched=True)
+    factor_a, factor_b, positions = factors(h, delta, has_bias)
+    return LayerReference(
+        per_example=per_example,
+        grad=per_example.mean(axis=0),
+        h=np.asarray(h),
+        delta=np.asarray(delta),
+        has_bias=has_bias,
+        factor_a=factor_a,
+        factor_b=factor_b,
+        positions=positions,
+    )
 
 
 # Batch sizes are such that N · T > d_in + 1 for every layer, so that A has distinct positive

@@ -120,19 +120,7 @@ def run_once(problem: ref.Problem, txs: dict, params, x, y):
 
     stats, library, per_example, h_delta = run(params, float64_params, x, y)
     h, delta = h_delta["layer"]
-    has_bias = problem.model.use_bias
-    factor_a, factor_b, positions = ref.factors(h, delta, has_bias)
-    per_example = ref.block_matrix(per_example["layer"], batched=True)
-    layer = ref.LayerReference(
-        per_example=per_example,
-        grad=per_example.mean(axis=0),
-        h=np.asarray(h),
-        delta=np.asarray(delta),
-        has_bias=has_bias,
-        factor_a=factor_a,
-        factor_b=factor_b,
-        positions=positions,
-    )
+    layer = ref.layer_reference(per_example["layer"], h, delta, problem.model.use_bias)
     return stats["layer"], library, layer
 
 
