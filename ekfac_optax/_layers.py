@@ -43,6 +43,11 @@ def path_key(path: Sequence[Any]) -> str:
     return "/".join(str(getattr(p, "key", p)) for p in path)
 
 
+def leaf_location(key_path: Sequence[Any]) -> tuple[str, str]:
+    """``(module path, parameter name)`` of a leaf's parameter-tree path."""
+    return path_key(key_path[:-1]), path_key(key_path[-1:])
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
     """Static description of one Kronecker block.
@@ -127,10 +132,9 @@ def find_blocks(params: Any, layers: Sequence[str] | None = None) -> dict[str, B
     if layers is None:
         paths = []
         for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
-            names = [str(getattr(k, "key", k)) for k in key_path]
-            if names[-1] == KERNEL and jnp.ndim(leaf) >= 2:
-                if _bias_fits(subtree(params, path_key(names[:-1]))):
-                    paths.append(path_key(names[:-1]))
+            layer, name = leaf_location(key_path)
+            if name == KERNEL and jnp.ndim(leaf) >= 2 and _bias_fits(subtree(params, layer)):
+                paths.append(layer)
     else:
         paths = list(layers)
     blocks = {}
@@ -157,17 +161,6 @@ def find_blocks(params: Any, layers: Sequence[str] | None = None) -> dict[str, B
     return blocks
 
 
-def block_param_paths(blocks: Mapping[str, BlockSpec]) -> set[tuple[str, ...]]:
-    """The parameter-tree paths (tuples of names) covered by the blocks."""
-    covered = set()
-    for spec in blocks.values():
-        prefix = tuple(spec.path.split("/")) if spec.path else ()
-        covered.add(prefix + (KERNEL,))
-        if spec.has_bias:
-            covered.add(prefix + (BIAS,))
-    return covered
-
-
 def to_matrix(layer_params: Mapping[str, jax.Array], spec: BlockSpec) -> jax.Array:
     """``[kernel.reshape(d_in, d_out); bias]`` as a ``(d_in_aug, d_out)`` matrix."""
     kernel = jnp.reshape(layer_params[KERNEL], (spec.d_in, spec.d_out)).astype(spec.dtype)
@@ -190,9 +183,8 @@ def replace_blocks(tree: Any, new_layers: Mapping[str, Mapping[str, jax.Array]])
     """``tree`` with the leaves of each layer in ``new_layers`` replaced; structure kept."""
 
     def pick(key_path, leaf):
-        names = [str(getattr(k, "key", k)) for k in key_path]
-        layer = new_layers.get(path_key(names[:-1]))
-        return leaf if layer is None or names[-1] not in layer else layer[names[-1]]
+        layer, name = leaf_location(key_path)
+        return new_layers.get(layer, {}).get(name, leaf)
 
     return jax.tree_util.tree_map_with_path(pick, tree)
 
@@ -216,15 +208,14 @@ def summarize(params: Any, layers: Sequence[str] | None = None) -> str:
       treatment (``kronecker block`` with the block's size, or ``identity``).
     """
     blocks = find_blocks(params, layers)
-    covered = block_param_paths(blocks)
     rows = [("parameter", "shape", "preconditioning")]
     for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        names = tuple(str(getattr(k, "key", k)) for k in key_path)
-        if names in covered:
-            spec = blocks[path_key(names[:-1])]
+        layer, name = leaf_location(key_path)
+        spec = blocks.get(layer)
+        if spec is not None and (name == KERNEL or (name == BIAS and spec.has_bias)):
             how = f"kronecker block {spec.d_in_aug}x{spec.d_out} of {spec.path or '<root>'}"
         else:
             how = "identity (not preconditioned)"
-        rows.append(("/".join(names), str(tuple(jnp.shape(leaf))), how))
+        rows.append((path_key(key_path), str(tuple(jnp.shape(leaf))), how))
     widths = [max(len(r[i]) for r in rows) for i in range(2)]
     return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows)
