@@ -40,6 +40,14 @@ DAMPING = 1e-3
 LEARNING_RATE = 1e-4  # small, so that thousands of timed steps stay finite
 FACTOR_DECAY = 0.95
 NEVER = 10**6  # basis_update_every that skips every basis update after the first
+LARGE_METHODS = (
+    "adam",
+    "sgd+momentum",
+    "kfac u1e6",
+    "kfac-jax u1e6",
+    "ekfac u1e6",
+    "ekfac-ra u1e6",
+)
 QUICK_METHODS = (
     "adam",
     "sgd+momentum",
@@ -97,9 +105,20 @@ def make_problem(name: str, model: nn.Module, input_shape: tuple[int, ...]) -> P
 def problems(quick: bool) -> list[Problem]:
     if quick:
         return [make_problem("mlp w64 b32", MLP(64), (32, 64))]
-    out = [make_problem(f"mlp w{w} b{b}", MLP(w), (b, w)) for w in (256, 1024) for b in (128, 1024)]
+    out = [
+        make_problem(f"mlp w{w} b{b}", MLP(w), (b, w))
+        for w, b in ((256, 128), (256, 2048), (1024, 128), (1024, 2048))
+    ]
+    # One 4096-wide hidden layer: a step projects a 4097 x 4096 gradient (~0.55 TFLOP), so only
+    # the methods without periodic eigendecompositions are timed there (see `LARGE_METHODS`); the
+    # eigendecomposition's cost is measured on its own in the component table.
+    out.append(make_problem("mlp w4096 b128 (1 hidden)", MLP(4096, depth=1), (128, 4096)))
     out.append(make_problem("cnn 16x16x3 b128", CNN(), (128, 16, 16, 3)))
     return out
+
+
+def is_large(problem: Problem) -> bool:
+    return tree_bytes(problem.params) > 32 * 2**20
 
 
 # --- Methods: each builds an initial carry and a function that runs k steps ----------------------
@@ -112,6 +131,13 @@ class Runner:
     init: Callable[[], Any]
     run: Callable[[Any, int], Any]
     state_bytes: Callable[[Any], int]
+    temp_bytes: Callable[[Any], int | None] = lambda carry: None
+
+
+def compiled_temp_bytes(step: Callable, carry: Any) -> int | None:
+    """XLA's scratch memory for one step (beyond its inputs and outputs), if it reports it."""
+    stats = step.lower(*carry).compile().memory_analysis()
+    return None if stats is None else int(stats.temp_size_in_bytes)
 
 
 def tree_bytes(tree: Any) -> int:
@@ -127,10 +153,16 @@ def _loop(step: Callable) -> Callable[[Any, int], Any]:
     return run
 
 
-def optax_runner(problem: Problem, tx: optax.GradientTransformation) -> Runner:
+def softmax_loss(problem: Problem) -> Callable:
     def loss_fn(params, x, y):
         logits = problem.model.apply({"params": params}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    return loss_fn
+
+
+def optax_runner(problem: Problem, tx: optax.GradientTransformation) -> Runner:
+    loss_fn = softmax_loss(problem)
 
     @jax.jit
     def step(params, opt_state):
@@ -142,15 +174,12 @@ def optax_runner(problem: Problem, tx: optax.GradientTransformation) -> Runner:
         init=lambda: (problem.params, tx.init(problem.params)),
         run=_loop(step),
         state_bytes=lambda carry: tree_bytes(carry[1]),
+        temp_bytes=lambda carry: compiled_temp_bytes(step, carry),
     )
 
 
 def ours_runner(problem: Problem, tx: optax.GradientTransformationExtraArgs) -> Runner:
-    def loss_fn(params, x, y):
-        logits = problem.model.apply({"params": params}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    grad_fn = ek.value_grad_and_stats(loss_fn)
+    grad_fn = ek.value_grad_and_stats(softmax_loss(problem))
 
     @jax.jit
     def step(params, opt_state):
@@ -162,6 +191,7 @@ def ours_runner(problem: Problem, tx: optax.GradientTransformationExtraArgs) -> 
         init=lambda: (problem.params, tx.init(problem.params)),
         run=_loop(step),
         state_bytes=lambda carry: tree_bytes(carry[1]),
+        temp_bytes=lambda carry: compiled_temp_bytes(step, carry),
     )
 
 
@@ -256,11 +286,157 @@ def methods(kfac_jax: Any) -> dict[str, tuple[int, Callable[[Problem], Runner]]]
         if kfac_jax is not None:
             out[f"kfac-jax u{every}"] = (every, lambda p, e=every: kfac_jax_runner(kfac_jax, p, e))
     out["kfac u1e6"] = (NEVER, kfac(NEVER))
+    if kfac_jax is not None:
+        out["kfac-jax u1e6"] = (NEVER, lambda p: kfac_jax_runner(kfac_jax, p, NEVER))
     out["ekfac u10"] = (10, ekfac(10, "batch"))
+    out["ekfac u1e6"] = (NEVER, ekfac(NEVER, "batch"))
     for every in (1, 10, 100):
         out[f"ekfac-ra u{every}"] = (every, ekfac(every, "running"))
     out["ekfac-ra u1e6"] = (NEVER, ekfac(NEVER, "running"))
     return out
+
+
+# --- Components of a step and the flop model ----------------------------------------------------
+
+COMPONENTS = (
+    "fwd/bwd",
+    "fwd/bwd + stats",
+    "factors",
+    "eigh",
+    "projections",
+    "s* batch",
+    "s* running",
+)
+EIGH_FLOPS_PER_N3 = 9  # symmetric QR with eigenvectors, ~9 n^3 (Golub & Van Loan, §8.3)
+
+
+def matmul_gflops(reps: int, n: int = 2048) -> float:
+    """The machine's float32 matmul throughput (GFLOP/s), median of ``reps`` timed ``n``-matmuls."""
+    x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    return 2 * n**3 / median_seconds(jax.jit(lambda a: a @ a), (x,), reps) / 1e9
+
+
+def median_seconds(fn: Callable, args: tuple, reps: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def block_shapes(problem: Problem) -> list[tuple[int, int, int, int]]:
+    """``(N, T, a, b)`` per Kronecker block: batch, positions, ``d_in (+1)``, ``d_out``."""
+    loss_fn = softmax_loss(problem)
+    _, _, stats = jax.eval_shape(
+        ek.value_grad_and_stats(loss_fn), problem.params, problem.x, problem.y
+    )
+    specs = ek.find_blocks(problem.params)
+    return [(*stats[path].h.shape[:2], spec.d_in_aug, spec.d_out) for path, spec in specs.items()]
+
+
+def component_flops(problem: Problem) -> dict[str, float]:
+    """Floating-point operations of each component of a step, summed over the blocks.
+
+    Per block with batch ``N``, ``T`` positions, ``a = d_in (+1)``, ``b = d_out``: forward and
+    backward ``6 N T a b``; the factors ``hᵀh``, ``δᵀδ``: ``2 N T (a² + b²)``; one eigenbasis:
+    ``9 (a³ + b³)``; the projections ``U_Aᵀ g U_B`` and back: ``4 (a² b + a b²)``; EKFAC's batch
+    ``s*``: the inputs and output gradients into the KFE, ``2 N T (a² + b²)``, then the squared
+    per-example gradients, ``2 N a b`` for ``T = 1`` (else the cheaper of ``2 N T a b`` and the
+    position-Gramian path ``2 N T² a b``); EKFAC-ra's running ``s*``: ``3 a b``. The capture of
+    ``h`` and ``δ`` adds no multiply-adds to dense layers (the patches of a conv layer are counted
+    in the forward pass).
+    """
+    out = dict.fromkeys(COMPONENTS, 0.0)
+    for n, t, a, b in block_shapes(problem):
+        out["fwd/bwd"] += 6 * n * t * a * b
+        out["factors"] += 2 * n * t * (a * a + b * b)
+        out["eigh"] += EIGH_FLOPS_PER_N3 * (a**3 + b**3)
+        out["projections"] += 4 * (a * a * b + a * b * b)
+        per_example = 2 * n * a * b if t == 1 else 2 * n * t * a * b * min(1, t * (a + b) / (a * b))
+        out["s* batch"] += 2 * n * t * (a * a + b * b) + per_example
+        out["s* running"] += 3 * a * b
+    out["fwd/bwd + stats"] = out["fwd/bwd"]
+    return out
+
+
+def component_seconds(problem: Problem, reps: int) -> dict[str, float]:
+    """Measured seconds of each component, each jitted on its own, with real statistics.
+
+    The factors and eigenbases come from the problem's own batch, so ``eigh`` sees the spectra
+    of real covariances (on CPU much slower to decompose than random matrices).
+    """
+    from ekfac_optax import _eigenbasis, _factors, _layers, _scalings
+
+    loss_fn = softmax_loss(problem)
+    specs = ek.find_blocks(problem.params)
+    grad_stats = jax.jit(ek.value_grad_and_stats(loss_fn))
+    _, grads, stats = grad_stats(problem.params, problem.x, problem.y)
+
+    def factors(stats):
+        return {
+            p: (_factors.factor_a(stats[p].h, s.has_bias), _factors.factor_b(stats[p].delta))
+            for p, s in specs.items()
+        }
+
+    def eigh(factors):
+        return {
+            p: (jnp.linalg.eigh(fa)[1], jnp.linalg.eigh(fb)[1]) for p, (fa, fb) in factors.items()
+        }
+
+    def projections(grads, bases):
+        out = {}
+        for p, spec in specs.items():
+            basis_a, basis_b = bases[p]
+            g = _eigenbasis.to_eigenbasis(
+                _layers.to_matrix(_layers.subtree(grads, p), spec), basis_a, basis_b
+            )
+            out[p] = _eigenbasis.from_eigenbasis(g / (g * g + 1.0), basis_a, basis_b)
+        return out
+
+    def batch_s(stats, bases):
+        return {
+            p: _scalings.batch_scalings(
+                _eigenbasis.inputs_to_eigenbasis(stats[p].h, bases[p][0], s.has_bias),
+                stats[p].delta @ bases[p][1],
+            )
+            for p, s in specs.items()
+        }
+
+    def running_s(grads_kfe, scalings):
+        return {
+            p: _scalings.running_scalings(scalings[p], g, 128, 0.95) for p, g in grads_kfe.items()
+        }
+
+    fac = jax.jit(factors)(stats)
+    bases = jax.jit(eigh)(fac)
+    kfe = {p: jnp.ones((s.d_in_aug, s.d_out), jnp.float32) for p, s in specs.items()}
+    eigh_reps = 1 if is_large(problem) else reps
+    return {
+        "fwd/bwd": median_seconds(
+            jax.jit(jax.grad(loss_fn)), (problem.params, problem.x, problem.y), reps
+        ),
+        "fwd/bwd + stats": median_seconds(grad_stats, (problem.params, problem.x, problem.y), reps),
+        "factors": median_seconds(jax.jit(factors), (stats,), reps),
+        "eigh": median_seconds(jax.jit(eigh), (fac,), eigh_reps),
+        "projections": median_seconds(jax.jit(projections), (grads, bases), reps),
+        "s* batch": median_seconds(jax.jit(batch_s), (stats, bases), reps),
+        "s* running": median_seconds(jax.jit(running_s), (kfe, kfe), reps),
+    }
+
+
+def method_components(name: str, period: int) -> dict[str, float]:
+    """How many of each component one step of a method runs (the eigenbasis amortized)."""
+    if period == 0:  # Adam, SGD
+        return {"fwd/bwd": 1.0}
+    counts = {"fwd/bwd + stats": 1.0, "factors": 1.0, "projections": 1.0}
+    counts["eigh"] = 0.0 if period == NEVER else 1.0 / period
+    if name.startswith("ekfac-ra"):
+        counts["s* running"] = 1.0
+    elif name.startswith("ekfac"):
+        counts["s* batch"] = 1.0
+    return counts
 
 
 # --- Measurement ---------------------------------------------------------------------------------
@@ -297,6 +473,7 @@ def measure(problem, method_table, reps, k_min, target_s, log):
             "k": window_steps(period, step_s, k_min, target_s),
             "compile_s": compile_s,
             "state_bytes": runner.state_bytes(carry),
+            "temp_bytes": runner.temp_bytes(carry),
             "times": [],
         }
         log(f"  compiled {name:16s} {compile_s:6.1f} s")
@@ -343,145 +520,227 @@ def verdict(values: list[float], holds: Callable[[float], bool]) -> str:
     return f"**met in {n_met} of {len(values)} cases only**"
 
 
+def model_seconds(name: str, period: int, comp_flops: dict[str, float], gflops: float) -> float:
+    """The flop model's time for one step of a method, at ``gflops`` GFLOP/s."""
+    counts = method_components(name, period)
+    return sum(comp_flops[c] * k for c, k in counts.items()) / (gflops * 1e9)
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
 def write_outputs(
-    results, param_bytes, out_dir, command, kfac_jax_reason, reps, k_min, target_s, log
+    results,
+    param_bytes,
+    components,
+    gflops,
+    out_dir,
+    command,
+    kfac_jax_reason,
+    reps,
+    k_min,
+    target_s,
+    log,
 ):
     os.makedirs(out_dir, exist_ok=True)
-    names = list(next(iter(results.values())).keys())
+    problems_ = list(results)
+    names = list(dict.fromkeys(n for rows in results.values() for n in rows))
+
+    def ms(problem, name):
+        row = results[problem].get(name)
+        return row["ms"] if row else None
+
+    def cell(value, fmt="{:.3g}"):
+        return "—" if value is None or math.isnan(value) else fmt.format(value)
+
     csv_path = os.path.join(out_dir, "step_cost.csv")
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
-            [
-                "problem",
-                "method",
-                "basis_period",
-                "window_steps",
-                "ms_per_step",
-                "ms_min",
-                "ms_max",
-                "ratio_to_adam",
-                "compile_s",
-                "state_bytes",
-                "param_bytes",
-                "finite_params",
-            ]
-        )
+            ["problem", "method", "basis_period", "window_steps", "ms_per_step", "ms_min",
+             "ms_max", "ratio_to_adam", "model_ms", "measured_over_model", "compile_s",
+             "state_bytes", "param_bytes", "step_temp_bytes", "finite_params"]
+        )  # fmt: skip
         for problem, rows in results.items():
-            adam = rows["adam"]["ms"]
             for name, row in rows.items():
+                model = model_seconds(name, row["period"], components[problem][1], gflops) * 1e3
                 writer.writerow(
-                    [
-                        problem,
-                        name,
-                        row["period"],
-                        row["k"],
-                        f"{row['ms']:.4f}",
-                        f"{min(row['times']):.4f}",
-                        f"{max(row['times']):.4f}",
-                        f"{row['ms'] / adam:.3f}",
-                        f"{row['compile_s']:.2f}",
-                        row["state_bytes"],
-                        param_bytes[problem],
-                        row["finite_params"],
-                    ]
-                )
-
-    def ms(rows, name):
-        return rows[name]["ms"] if name in rows else None
+                    [problem, name, row["period"], row["k"], f"{row['ms']:.4f}",
+                     f"{min(row['times']):.4f}", f"{max(row['times']):.4f}",
+                     f"{row['ms'] / rows['adam']['ms']:.3f}", f"{model:.4f}",
+                     f"{row['ms'] / model:.3f}", f"{row['compile_s']:.2f}", row["state_bytes"],
+                     param_bytes[problem], row["temp_bytes"], row["finite_params"]]
+                )  # fmt: skip
+    comp_csv = os.path.join(out_dir, "step_cost_components.csv")
+    with open(comp_csv, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["problem", "component", "measured_ms", "gflop", "model_ms"])
+        for problem, (seconds, flops) in components.items():
+            for c in COMPONENTS:
+                writer.writerow(
+                    [problem, c, f"{seconds[c] * 1e3:.4f}", f"{flops[c] / 1e9:.4f}",
+                     f"{flops[c] / gflops / 1e6:.4f}"]
+                )  # fmt: skip
 
     lines = ["# Cost of a step", ""]
     lines += [
         "Milliseconds per jitted train step (value and gradient, with layer statistics for ours, "
-        "optimizer update, apply), median over "
-        f"{reps} round-robin repetitions; each repetition times a window of "
-        "exactly N steps for `uN` with N in (10, 100) (basis/inverse update every N steps), "
-        "so that the window holds one update and the time is the amortized cost, and otherwise "
-        f"{k_min} steps, or fewer (at least 1) when that reaches {target_s} s. "
-        "In brackets: ratio to Adam. The machine is shared: numbers are noisy "
-        "(per-repetition min and max in the CSV).",
+        f"optimizer update, apply), median over {reps} round-robin repetitions (methods "
+        "alternate within each repetition); each repetition times a window of exactly N steps "
+        "for `uN` with N in (10, 100) (basis/inverse update every N steps), so that the window "
+        "holds one update and the time is the amortized cost, and otherwise "
+        f"{k_min} steps, or fewer (at least 1) when that reaches {target_s} s. `u1e6`: the basis "
+        "is computed at step 0 only (not timed), i.e. the cost of a step between updates. In "
+        "brackets: ratio to Adam. Per-repetition min and max are in `step_cost.csv`. "
+        "`mlp wW bB`: two hidden ReLU layers of width W (input W, 10 classes), batch B; the "
+        "4096-wide MLP has one hidden layer and runs only the methods without timed "
+        "eigendecompositions.",
         "",
     ]
-    header = "| method | " + " | ".join(results) + " |"
-    lines += [header, "|" + " --- |" * (len(results) + 1)]
+    rows = []
     for name in names:
         cells = []
-        for rows in results.values():
-            cells.append(f"{rows[name]['ms']:.3g} ({rows[name]['ms'] / rows['adam']['ms']:.2g}x)")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "## Ratios", ""]
-    ratio_rows = []
-    for every in (1, 10, 100):
-        ratio_rows.append(
-            (f"our KFAC / kfac-jax KFAC, u{every}", f"kfac u{every}", f"kfac-jax u{every}")
-        )
-    for every in (1, 10, 100):
-        ratio_rows.append(
-            (f"EKFAC-ra / our KFAC, u{every}", f"ekfac-ra u{every}", f"kfac u{every}")
-        )
-    ratio_rows.append(("EKFAC (batch) / our KFAC, u10", "ekfac u10", "kfac u10"))
-    lines += [
-        "| ratio | " + " | ".join(results) + " |",
-        "|" + " --- |" * (len(results) + 1),
-    ]
-    summary = {label: [] for label, _, _ in ratio_rows}
-    for label, a, b in ratio_rows:
-        values = [ratio(ms(rows, a), ms(rows, b)) for rows in results.values()]
-        summary[label] = values
-        lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
-    lines += ["", "## Share of a basis-update step spent in the eigendecomposition", ""]
-    lines += [
-        "`(t(u1) - t(u1e6)) / t(u1)`: a step that refreshes the basis every time against one "
-        "that never does (after step 0). Both run the same code otherwise.",
-        "",
-        "| method | " + " | ".join(results) + " |",
-        "|" + " --- |" * (len(results) + 1),
-    ]
-    for label, every1, never in (
-        ("KFAC", "kfac u1", "kfac u1e6"),
-        ("EKFAC-ra", "ekfac-ra u1", "ekfac-ra u1e6"),
-    ):
-        cells = []
-        for rows in results.values():
-            t1, t0 = rows[every1]["ms"], rows[never]["ms"]
-            cells.append(f"{(t1 - t0) / t1:.0%} ({t1 - t0:.3g} ms)")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "## Optimizer state size (bytes, and as a multiple of the parameters)", ""]
-    lines += [
-        "| method | " + " | ".join(results) + " |",
-        "|" + " --- |" * (len(results) + 1),
-        "| parameters | " + " | ".join(f"{param_bytes[p]:,}" for p in results) + " |",
-    ]
-    for name in names:
-        if name.endswith("u1") or name.endswith("u100") or name.endswith("u1e6"):
-            continue  # the state does not depend on the period
-        cells = [
-            f"{rows[name]['state_bytes']:,} ({rows[name]['state_bytes'] / param_bytes[p]:.1f}x)"
-            for p, rows in results.items()
-        ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "## Compile time of the first step (s)", ""]
-    lines += [
-        "| method | " + " | ".join(results) + " |",
-        "|" + " --- |" * (len(results) + 1),
-    ]
-    for name in names:
-        cells = [f"{rows[name]['compile_s']:.1f}" for rows in results.values()]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        for problem in problems_:
+            t, adam = ms(problem, name), ms(problem, "adam")
+            cells.append("—" if t is None else f"{t:.3g} ({t / adam:.2g}x)")
+        rows.append([name, *cells])
+    lines += table(["method", *problems_], rows)
 
-    # Goals.
+    ratio_rows = [
+        (f"our KFAC / kfac-jax KFAC, u{e}", f"kfac u{e}", f"kfac-jax u{e}")
+        for e in ("1", "10", "100", "1e6")
+    ]
+    ratio_rows += [
+        (f"EKFAC-ra / our KFAC, u{e}", f"ekfac-ra u{e}", f"kfac u{e}")
+        for e in ("1", "10", "100", "1e6")
+    ]
+    ratio_rows += [
+        (f"EKFAC (batch) / our KFAC, u{e}", f"ekfac u{e}", f"kfac u{e}") for e in ("10", "1e6")
+    ]
+    summary = {}
+    rows = []
+    for label, a, b in ratio_rows:
+        values = [ratio(ms(p, a), ms(p, b)) for p in problems_]
+        summary[label] = values
+        rows.append([label, *(cell(v, "{:.2f}") for v in values)])
+    lines += ["", "## Ratios", ""] + table(["ratio", *problems_], rows)
+
+    lines += ["", "## Components of a step and the flop model", ""]
+    lines += [
+        f"Each component jitted and timed on its own (median of {reps}; the eigendecomposition "
+        "once on the 4096-wide MLP), summed over the layers, with the problem's real statistics "
+        "and factors. Model: the component's floating-point operations (see `component_flops`) "
+        f"at the machine's measured float32 matmul throughput, **{gflops:.1f} GFLOP/s** "
+        "(2048x2048 matmul). Cells: measured ms (model ms; measured / model).",
+        "",
+    ]
+    rows = []
+    for c in COMPONENTS:
+        cells = []
+        for problem in problems_:
+            seconds, flops = components[problem]
+            model = flops[c] / gflops / 1e6
+            cells.append(
+                f"{seconds[c] * 1e3:.3g} ({model:.2g}; {seconds[c] * 1e3 / model:.1f}x)"
+                if model > 0
+                else f"{seconds[c] * 1e3:.3g}"
+            )
+        rows.append([c, *cells])
+    lines += table(["component", *problems_], rows)
+
+    lines += ["", "## Where the time of a step goes", ""]
+    lines += [
+        "Share of the measured step time taken by each component (its time on its own × how "
+        "often the method runs it: the eigendecomposition once per period); *rest* is what the "
+        "components do not account for (the EMA of the factors, the damping and division, the "
+        "non-finite guard, applying the update, dispatch).",
+        "",
+    ]
+    rows = []
+    for name in ("kfac u10", "kfac-jax u10", "ekfac u10", "ekfac-ra u10", "ekfac-ra u1e6"):
+        counts = method_components(
+            name.replace("kfac-jax", "kfac"), int(float(name[name.rindex("u") + 1 :]))
+        )
+        cells = []
+        for problem in problems_:
+            t = ms(problem, name)
+            if t is None:
+                cells.append("—")
+                continue
+            shares = {c: components[problem][0][c] * 1e3 * k / t for c, k in counts.items()}
+            rest = 1 - sum(shares.values())
+            cells.append(
+                ", ".join(f"{c} {v:.0%}" for c, v in shares.items()) + f", rest {rest:.0%}"
+            )
+        rows.append([name, *cells])
+    lines += table(["method", *problems_], rows)
+
+    lines += ["", "## Measured step time as a multiple of the flop model", ""]
+    lines += [
+        "The model's time of one step (sum of its components' flops at the measured matmul "
+        "throughput, eigendecomposition amortized); cells: model ms, measured / model.",
+        "",
+    ]
+    rows = []
+    for name in names:
+        cells = []
+        for problem in problems_:
+            row = results[problem].get(name)
+            if row is None:
+                cells.append("—")
+                continue
+            model = model_seconds(name, row["period"], components[problem][1], gflops) * 1e3
+            cells.append(f"{model:.3g} ms, {row['ms'] / model:.2f}x")
+        rows.append([name, *cells])
+    lines += table(["method", *problems_], rows)
+
+    lines += ["", "## Memory: optimizer state and the step's scratch space", ""]
+    lines += [
+        "State: bytes of the optimizer state (× the parameters' bytes). Scratch: XLA's "
+        "temporary buffers of the compiled train step (`memory_analysis().temp_size_in_bytes`; "
+        "kfac-jax's step is compiled inside its optimizer, so not reported).",
+        "",
+    ]
+    rows = [["parameters", *(f"{param_bytes[p]:,}" for p in problems_)]]
+    for name in names:
+        if name.split()[-1] not in ("u10", "u1e6") and name not in ("adam", "sgd+momentum"):
+            continue  # the state does not depend on the period
+        cells = []
+        for problem in problems_:
+            row = results[problem].get(name)
+            if row is None:
+                cells.append("—")
+                continue
+            temp = row["temp_bytes"]
+            cells.append(
+                f"state {row['state_bytes']:,} ({row['state_bytes'] / param_bytes[problem]:.1f}x)"
+                + ("" if temp is None else f"; scratch {temp:,}")
+            )
+        rows.append([name, *cells])
+    lines += table(["method", *problems_], rows)
+
+    lines += ["", "## Compile time of the first step (s)", ""]
+    rows = [
+        [name, *(cell(results[p][name]["compile_s"] if name in results[p] else None, "{:.1f}")
+                 for p in problems_)]
+        for name in names
+    ]  # fmt: skip
+    lines += table(["method", *problems_], rows)
+
     lines += ["", "## Goals", ""]
     if kfac_jax_reason:
         lines.append(
-            f"- *Our KFAC step is faster than kfac-jax's at the same amortization*: not measured, "
+            "- *Our KFAC step is faster than kfac-jax's at the same amortization*: not measured, "
             f"kfac-jax unavailable: {kfac_jax_reason}"
         )
     else:
         cells, values = [], []
-        for every in (1, 10, 100):
-            row = summary[f"our KFAC / kfac-jax KFAC, u{every}"]
+        for e in ("1", "10", "100", "1e6"):
+            row = summary[f"our KFAC / kfac-jax KFAC, u{e}"]
             values += [v for v in row if not math.isnan(v)]
-            cells.append(f"u{every}: " + ", ".join(f"{v:.2f}" for v in row))
+            cells.append(f"u{e}: " + ", ".join(cell(v, "{:.2f}") for v in row))
         lines.append(
             "- *Our KFAC step is faster than kfac-jax's at the same amortization*: "
             + verdict(values, lambda v: v < 1)
@@ -490,10 +749,10 @@ def write_outputs(
             + ")."
         )
     cells, values = [], []
-    for every in (1, 10, 100):
-        row = summary[f"EKFAC-ra / our KFAC, u{every}"]
+    for e in ("1", "10", "100", "1e6"):
+        row = summary[f"EKFAC-ra / our KFAC, u{e}"]
         values += [v for v in row if not math.isnan(v)]
-        cells.append(f"u{every}: " + ", ".join(f"{v:.2f}" for v in row))
+        cells.append(f"u{e}: " + ", ".join(cell(v, "{:.2f}") for v in row))
     lines.append(
         "- *EKFAC-ra costs at most 1.3x our KFAC step*: "
         + verdict(values, lambda v: v <= 1.3)
@@ -503,7 +762,8 @@ def write_outputs(
     )
     lines += ["", "## Machine and command", ""]
     lines.append(
-        f"- CPU: {cpu_model()}, {os.cpu_count()} cores visible; backend {jax.default_backend()}"
+        f"- CPU: {cpu_model()}, {os.cpu_count()} cores visible; backend {jax.default_backend()}; "
+        f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     lines.append("- " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     lines.append(f"- Python {platform.python_version()}")
@@ -518,7 +778,7 @@ def write_outputs(
             "`estimation_mode='fisher_empirical'`, `num_burnin_steps=0`, "
             "`inverse_update_period` = our `basis_update_every`. kfac-jax 0.0.8 needs a "
             "compatibility shim for JAX >= 0.7 (`get_bind_params` now returns the params alone); "
-            "see `kfac_jax_status` in `benchmarks/step_cost.py`."
+            "see `import_kfac_jax` in `benchmarks/_common.py`."
         )
     lines.append(
         f"- Damping {DAMPING} (tikhonov), factor decay {FACTOR_DECAY}, learning rate "
@@ -530,31 +790,28 @@ def write_outputs(
     log("\n".join(lines))
 
     png_path = os.path.join(out_dir, "step_cost.png")
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        plotted = [n for n in names if n != "adam"]
-        fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(plotted)), 4.5))
-        width = 0.8 / len(results)
-        for i, (problem, rows) in enumerate(results.items()):
-            values = [rows[n]["ms"] / rows["adam"]["ms"] for n in plotted]
-            ax.bar([j + i * width for j in range(len(plotted))], values, width, label=problem)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_yscale("log")
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(plotted))])
-        ax.set_xticklabels(plotted, rotation=45, ha="right")
-        ax.set_ylabel("time per step / Adam's")
-        ax.set_title("Cost of a train step relative to Adam (uN: basis update every N steps)")
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        fig.savefig(png_path, dpi=110)
-        plt.close(fig)
-    except ImportError as e:
-        log(f"no plot: {e}")
-        png_path = None
+    plotted = [n for n in names if n != "adam"]
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(plotted)), 4.5))
+    width = 0.8 / len(results)
+    for i, (problem, rows_) in enumerate(results.items()):
+        xs = [j + i * width for j, n in enumerate(plotted) if n in rows_]
+        values = [rows_[n]["ms"] / rows_["adam"]["ms"] for n in plotted if n in rows_]
+        ax.bar(xs, values, width, label=problem)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(plotted))])
+    ax.set_xticklabels(plotted, rotation=45, ha="right")
+    ax.set_ylabel("time per step / Adam's")
+    ax.set_title("Cost of a train step relative to Adam (uN: basis update every N steps)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
     return csv_path, md_path, png_path
 
 
@@ -579,13 +836,33 @@ def main(argv: list[str] | None = None) -> dict[str, str | None]:
     method_table = methods(kfac_jax)
     if args.quick:  # a smoke run: what the ratios need at period 1, and the baselines
         method_table = {n: m for n, m in method_table.items() if n in QUICK_METHODS}
-    results, param_bytes = {}, {}
+    gflops = matmul_gflops(max(reps, 3))
+    log(f"float32 matmul throughput: {gflops:.1f} GFLOP/s")
+    results, param_bytes, components = {}, {}, {}
     for problem in problems(args.quick):
         log(f"{problem.name}:")
         param_bytes[problem.name] = tree_bytes(problem.params)
-        results[problem.name] = measure(problem, method_table, reps, k_min, target_s, log)
+        table = method_table
+        if is_large(problem):
+            table = {n: m for n, m in method_table.items() if n in LARGE_METHODS}
+        results[problem.name] = measure(problem, table, reps, k_min, target_s, log)
+        components[problem.name] = (component_seconds(problem, reps), component_flops(problem))
+        log(
+            "  components: "
+            + ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in components[problem.name][0].items())
+        )
     csv_path, md_path, png_path = write_outputs(
-        results, param_bytes, args.out, command.strip(), reason, reps, k_min, target_s, log
+        results,
+        param_bytes,
+        components,
+        gflops,
+        args.out,
+        command.strip(),
+        reason,
+        reps,
+        k_min,
+        target_s,
+        log,
     )
     return {"csv": csv_path, "md": md_path, "png": png_path, "kfac_jax": reason or "available"}
 

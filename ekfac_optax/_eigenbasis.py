@@ -41,3 +41,10 @@ def to_eigenbasis(matrix: jax.Array, basis_a: jax.Array, basis_b: jax.Array) -> 
 def from_eigenbasis(matrix: jax.Array, basis_a: jax.Array, basis_b: jax.Array) -> jax.Array:
     """``U_A M U_Bᵀ``, the inverse of :func:`to_eigenbasis`."""
     return basis_a @ matrix @ basis_b.T
+
+
+def inputs_to_eigenbasis(h: jax.Array, basis_a: jax.Array, has_bias: bool) -> jax.Array:
+    """``h_aug @ U_A`` for ``(..., d_in)`` inputs, without materialising ``h_aug = [h; 1]``."""
+    d = h.shape[-1]
+    projected = h @ basis_a[:d]
+    return projected + basis_a[d] if has_bias else projected

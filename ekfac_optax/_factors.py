@@ -4,16 +4,28 @@ import jax
 import jax.numpy as jnp
 
 
-def factor_a(h_aug: jax.Array) -> jax.Array:
-    """``A = mean_{n,t} h_aug_{n,t} h_aug_{n,t}ᵀ`` from ``(N, T, d_in_aug)`` inputs."""
-    n, t, _ = h_aug.shape
-    return jnp.einsum("nti,ntj->ij", h_aug, h_aug) / (n * t)
+def factor_a(h: jax.Array, has_bias: bool) -> jax.Array:
+    """``A = mean_{n,t} h_aug_{n,t} h_aug_{n,t}ᵀ`` from ``(N, T, d_in)`` inputs.
+
+    With a bias, ``h_aug = [h; 1]`` and ``A = [[E[h hᵀ], E[h]], [E[h]ᵀ, 1]]``, assembled from
+    ``hᵀh`` and the column sums, so that ``h_aug`` is never materialised (on CPU the concatenated
+    operand makes the matmul about 1.3x slower).
+    """
+    n, t, d = h.shape
+    flat = h.reshape(n * t, d)
+    second = flat.T @ flat / (n * t)
+    if not has_bias:
+        return second
+    mean = jnp.mean(flat, axis=0)
+    one = jnp.ones((1, 1), h.dtype)
+    return jnp.block([[second, mean[:, None]], [mean[None, :], one]])
 
 
 def factor_b(delta: jax.Array) -> jax.Array:
     """``B = mean_{n,t} delta_{n,t} delta_{n,t}ᵀ`` from ``(N, T, d_out)`` output gradients."""
-    n, t, _ = delta.shape
-    return jnp.einsum("nto,ntp->op", delta, delta) / (n * t)
+    n, t, d = delta.shape
+    flat = delta.reshape(n * t, d)
+    return flat.T @ flat / (n * t)
 
 
 def debiased_ema(average: jax.Array, new: jax.Array, decay, count: jax.Array) -> jax.Array:

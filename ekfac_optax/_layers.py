@@ -189,13 +189,6 @@ def replace_blocks(tree: Any, new_layers: Mapping[str, Mapping[str, jax.Array]])
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
-def augment(h: jax.Array, spec: BlockSpec) -> jax.Array:
-    """Appends the homogeneous coordinate 1 to ``h`` when the block has a bias."""
-    if not spec.has_bias:
-        return h
-    return jnp.concatenate([h, jnp.ones(h.shape[:-1] + (1,), h.dtype)], axis=-1)
-
-
 def summarize(params: Any, layers: Sequence[str] | None = None) -> str:
     """A readable table of how each parameter is preconditioned.
 

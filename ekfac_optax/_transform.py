@@ -120,17 +120,17 @@ def _scale_by_kfe(
         damping_now = damping(count) if callable(damping) else damping
 
         # Statistics of this batch, in the curvature dtype.
-        h_aug = {
-            path: _layers.augment(stats[path].h.astype(spec.dtype), spec)
-            for path, spec in specs.items()
-        }
+        h = {path: stats[path].h.astype(spec.dtype) for path, spec in specs.items()}
         delta = {path: stats[path].delta.astype(spec.dtype) for path, spec in specs.items()}
 
         def with_factors(blocks):
             return {
                 path: block._replace(
                     factor_a=_factors.debiased_ema(
-                        block.factor_a, _factors.factor_a(h_aug[path]), factor_decay, count
+                        block.factor_a,
+                        _factors.factor_a(h[path], specs[path].has_bias),
+                        factor_decay,
+                        count,
                     ),
                     factor_b=_factors.debiased_ema(
                         block.factor_b, _factors.factor_b(delta[path]), factor_decay, count
@@ -155,7 +155,7 @@ def _scale_by_kfe(
                     block.factor_b, block.eigvals_b, block.basis_b
                 )
                 # EKFAC-ra restarts its average from KFAC's eigenvalues.
-                positions = h_aug[path].shape[1]
+                positions = h[path].shape[1]
                 out[path] = block._replace(
                     eigvals_a=eigvals_a,
                     basis_a=basis_a,
@@ -173,7 +173,7 @@ def _scale_by_kfe(
         new_updates = {}
         for path, spec in specs.items():
             block = blocks[path]
-            n, positions = h_aug[path].shape[:2]
+            n, positions = h[path].shape[:2]
             grad_kfe = _eigenbasis.to_eigenbasis(
                 _layers.to_matrix(_layers.subtree(updates, path), spec),
                 block.basis_a,
@@ -181,7 +181,8 @@ def _scale_by_kfe(
             )
             if scaling == "batch":
                 scalings = _scalings.batch_scalings(
-                    h_aug[path] @ block.basis_a, delta[path] @ block.basis_b
+                    _eigenbasis.inputs_to_eigenbasis(h[path], block.basis_a, spec.has_bias),
+                    delta[path] @ block.basis_b,
                 )
             elif scaling == "running":
                 scalings = _scalings.running_scalings(block.scalings, grad_kfe, n, scaling_decay)
@@ -199,7 +200,7 @@ def _scale_by_kfe(
             blocks[path] = block._replace(scalings=scalings)
 
         # A step with a non-finite input or result changes nothing but `skipped`.
-        finite = _all_finite((updates, h_aug, delta, new_updates, blocks))
+        finite = _all_finite((updates, h, delta, new_updates, blocks))
         applied = ScaleByEkfacState(
             count=optax.safe_increment(count), skipped=state.skipped, blocks=blocks
         )
