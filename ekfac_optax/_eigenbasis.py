@@ -9,7 +9,9 @@ def safe_eigh(factor: jax.Array, fallback_eigvals: jax.Array, fallback_basis: ja
 
     Symmetrises ``(M + Mᵀ) / 2``, computes ``eigh`` and clips the eigenvalues
     at zero (round-off makes tiny ones negative). If the factor or the result
-    is not finite, the fallback pair is returned unchanged.
+    is not finite, the fallback pair is returned unchanged. ``eigh`` always
+    receives a finite matrix (non-finite entries are zeroed in the same pass
+    that symmetrises: cheaper than selecting a stand-in after a reduction).
 
     Args:
       factor: ``(d, d)`` symmetric positive semi-definite matrix.
@@ -22,11 +24,9 @@ def safe_eigh(factor: jax.Array, fallback_eigvals: jax.Array, fallback_basis: ja
     """
     if factor.ndim != 2 or factor.shape[0] != factor.shape[1]:
         raise ValueError(f"safe_eigh expects a square matrix, got shape {factor.shape}")
-    sym = (factor + factor.T) / 2
-    finite_in = jnp.all(jnp.isfinite(sym))
-    eigvals, basis = jnp.linalg.eigh(
-        jnp.where(finite_in, sym, jnp.eye(sym.shape[0], dtype=sym.dtype))
-    )
+    finite_in = jnp.all(jnp.isfinite(factor))
+    sym = jnp.nan_to_num((factor + factor.T) / 2)
+    eigvals, basis = jnp.linalg.eigh(sym, symmetrize_input=False)
     ok = finite_in & jnp.all(jnp.isfinite(eigvals)) & jnp.all(jnp.isfinite(basis))
     eigvals = jnp.where(ok, jnp.maximum(eigvals, 0), fallback_eigvals)
     basis = jnp.where(ok, basis, fallback_basis)
