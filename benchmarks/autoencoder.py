@@ -31,8 +31,8 @@ Usage::
     python -m benchmarks.autoencoder [--quick] [--small] [--mnist-dir DIR] [--epochs E]
         [--out benchmarks/results]
 
-writes ``autoencoder.csv``, ``autoencoder_fig4.png``, ``autoencoder_fig5.png`` and
-``autoencoder.md`` to ``--out``.
+writes ``STEM.csv``, ``STEM_fig4.png``, ``STEM_fig5.png`` and ``STEM.md`` to ``--out``, where
+``STEM`` is ``autoencoder`` (28x28 or MNIST) or ``autoencoder_small`` (``--small``, ``--quick``).
 """
 
 import argparse
@@ -656,11 +656,16 @@ def summary(runs, context, args, command, wall) -> str:
         "",
         "Cells: training loss after the last epoch, and the training time.",
         "",
-        "Figures: `autoencoder_fig4.png` (4a, 4b), `autoencoder_fig5.png` (5a, 5b); every run's "
-        "per-epoch losses are in `autoencoder.csv`.",
+        f"Figures: `{stem(args)}_fig4.png` (4a, 4b), `{stem(args)}_fig5.png` (5a, 5b); every "
+        f"run's per-epoch losses are in `{stem(args)}.csv`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def stem(args) -> str:
+    """The output files' common name: the 8x8 variant's results do not overwrite the 28x28's."""
+    return "autoencoder_small" if args.small else "autoencoder"
 
 
 def fmt_list(values) -> str:
@@ -715,7 +720,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     wall = time.perf_counter() - start
 
     suffixes = {"csv": ".csv", "fig4": "_fig4.png", "fig5": "_fig5.png", "md": ".md"}
-    paths = {k: out / f"autoencoder{s}" for k, s in suffixes.items()}
+    paths = {k: out / f"{stem(args)}{s}" for k, s in suffixes.items()}
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(("method", "lr", "damping", "epoch", "seconds", "train_loss", "val_loss",

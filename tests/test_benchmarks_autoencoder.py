@@ -8,11 +8,15 @@ from benchmarks import autoencoder
 
 def test_quick_run_writes_finite_results(tmp_path):
     result = autoencoder.main(["--quick", "--out", str(tmp_path)])
-    for name in ("autoencoder.csv", "autoencoder_fig4.png", "autoencoder_fig5.png"):
+    for name in (
+        "autoencoder_small.csv",
+        "autoencoder_small_fig4.png",
+        "autoencoder_small_fig5.png",
+    ):
         assert (tmp_path / name).stat().st_size > 0, name
-    text = (tmp_path / "autoencoder.md").read_text()
+    text = (tmp_path / "autoencoder_small.md").read_text()
     assert "## Goals" in text and "EKFAC-ra" in text
-    with open(tmp_path / "autoencoder.csv") as f:
+    with open(tmp_path / "autoencoder_small.csv") as f:
         rows = list(csv.DictReader(f))
     methods = {row["method"] for row in rows}
     assert {"EKFAC", "EKFAC-ra", "KFAC", "SGD", "Adam", "Adam+BN"} <= methods
