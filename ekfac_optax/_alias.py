@@ -5,6 +5,7 @@ from typing import Literal
 
 import jax
 import optax
+from jax.sharding import Mesh
 
 from ekfac_optax import _scalings
 from ekfac_optax._transform import ScalarOrSchedule, scale_by_ekfac, scale_by_kfac
@@ -20,13 +21,14 @@ def ekfac(
     scaling_decay: jax.typing.ArrayLike = 0.95,
     damping_mode: _scalings.DampingMode = "tikhonov",
     layers: Sequence[str] | None = None,
+    mesh: Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """EKFAC: :func:`scale_by_ekfac` then ``optax.scale_by_learning_rate``.
 
     Args:
       learning_rate: a float or an optax schedule.
       damping, basis_update_every, factor_decay, scaling, scaling_decay,
-      damping_mode, layers: see :func:`scale_by_ekfac`.
+      damping_mode, layers, mesh: see :func:`scale_by_ekfac`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` to ``update``.
@@ -40,6 +42,7 @@ def ekfac(
             scaling_decay=scaling_decay,
             damping_mode=damping_mode,
             layers=layers,
+            mesh=mesh,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )
@@ -53,13 +56,14 @@ def kfac(
     factor_decay: jax.typing.ArrayLike = 0.95,
     damping_mode: _scalings.DampingMode = "tikhonov",
     layers: Sequence[str] | None = None,
+    mesh: Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """KFAC: :func:`scale_by_kfac` then ``optax.scale_by_learning_rate``.
 
     Args:
       learning_rate: a float or an optax schedule.
-      damping, basis_update_every, factor_decay, damping_mode, layers: see
-        :func:`scale_by_kfac`.
+      damping, basis_update_every, factor_decay, damping_mode, layers, mesh:
+        see :func:`scale_by_kfac`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` to ``update``.
@@ -71,6 +75,7 @@ def kfac(
             factor_decay=factor_decay,
             damping_mode=damping_mode,
             layers=layers,
+            mesh=mesh,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )

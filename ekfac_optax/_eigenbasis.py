@@ -1,7 +1,10 @@
 """PSD-safe eigendecomposition and the map to and from the Kronecker-factored eigenbasis."""
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 def safe_eigh(factor: jax.Array, fallback_eigvals: jax.Array, fallback_basis: jax.Array):
@@ -31,6 +34,60 @@ def safe_eigh(factor: jax.Array, fallback_eigvals: jax.Array, fallback_basis: ja
     eigvals = jnp.where(ok, jnp.maximum(eigvals, 0), fallback_eigvals)
     basis = jnp.where(ok, basis, fallback_basis)
     return eigvals, basis, ok
+
+
+def eigh_all(
+    factors: Sequence[jax.Array],
+    fallbacks: Sequence[tuple[jax.Array, jax.Array]],
+    mesh: Mesh | None = None,
+) -> list[tuple[jax.Array, jax.Array]]:
+    """:func:`safe_eigh` of every factor, same-shaped factors in one batched call.
+
+    With a ``mesh`` of more than one device, each batch is split along the stack axis over all
+    the mesh's devices (``shard_map``; padded with identities to a multiple of the device count),
+    so every factor is decomposed on one device only; the results are then replicated (an
+    all-gather of the eigenvalues and eigenvectors).
+
+    Args:
+      factors: ``(d, d)`` symmetric PSD matrices.
+      fallbacks: per factor, the ``(eigvals, basis)`` to keep if its decomposition fails.
+      mesh: the devices to spread the decompositions over; ``None`` decomposes every factor on
+        every device that runs the computation.
+
+    Returns:
+      Per factor, ``(eigvals, basis)`` as :func:`safe_eigh` returns them.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, factor in enumerate(factors):
+        groups.setdefault((factor.shape, factor.dtype), []).append(i)
+    out: list = [None] * len(factors)
+    for (shape, dtype), members in groups.items():
+        stack = jnp.stack([factors[i] for i in members])
+        fallback_vals = jnp.stack([fallbacks[i][0] for i in members])
+        fallback_bases = jnp.stack([fallbacks[i][1] for i in members])
+        decompose = jax.vmap(safe_eigh)
+        if mesh is not None and mesh.size > 1:
+            pad = -len(members) % mesh.size
+            eye = jnp.broadcast_to(jnp.eye(shape[0], dtype=dtype), (pad, *shape))
+            stack = jnp.concatenate([stack, eye])
+            fallback_vals = jnp.concatenate([fallback_vals, jnp.zeros((pad, shape[0]), dtype)])
+            fallback_bases = jnp.concatenate([fallback_bases, eye])
+            # Replicated inputs: each device slices its share locally (left to itself, XLA's
+            # sharding propagation may build the stack sharded and gather it first).
+            replicated = NamedSharding(mesh, PartitionSpec())
+            stack, fallback_vals, fallback_bases = jax.lax.with_sharding_constraint(
+                (stack, fallback_vals, fallback_bases), replicated
+            )
+            spread = PartitionSpec(mesh.axis_names)
+            decompose = jax.shard_map(
+                decompose, mesh=mesh, in_specs=spread, out_specs=spread, check_vma=False
+            )
+        vals, bases, _ = decompose(stack, fallback_vals, fallback_bases)
+        if mesh is not None and mesh.size > 1:
+            vals, bases = jax.lax.with_sharding_constraint((vals, bases), replicated)
+        for j, i in enumerate(members):
+            out[i] = (vals[j], bases[j])
+    return out
 
 
 def to_eigenbasis(matrix: jax.Array, basis_a: jax.Array, basis_b: jax.Array) -> jax.Array:

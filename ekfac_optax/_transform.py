@@ -25,6 +25,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from ekfac_optax import _eigenbasis, _factors, _layers, _scalings, _validation
 
@@ -95,8 +96,11 @@ def _scale_by_kfe(
     scaling_decay: jax.typing.ArrayLike,
     damping_mode: _scalings.DampingMode,
     layers: Sequence[str] | None,
+    mesh: Mesh | None,
 ) -> optax.GradientTransformationExtraArgs:
     """The shared machinery of :func:`scale_by_ekfac` and :func:`scale_by_kfac`."""
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
     _validation.check_hyperparameters(damping, basis_update_every, factor_decay, scaling_decay)
     if scaling not in ("batch", "running", "kfac"):
         raise ValueError(f"scaling must be 'batch' or 'running', got {scaling!r}")
@@ -146,17 +150,25 @@ def _scale_by_kfe(
         # Amortized: the eigenbasis on updates 0, n, 2n, ...
         def new_basis(blocks):
             blocks = with_factors(blocks) if one_batch else blocks
+            paths = list(blocks)
+            decomposed = _eigenbasis.eigh_all(
+                [f for p in paths for f in (blocks[p].factor_a, blocks[p].factor_b)],
+                [
+                    pair
+                    for p in paths
+                    for pair in (
+                        (blocks[p].eigvals_a, blocks[p].basis_a),
+                        (blocks[p].eigvals_b, blocks[p].basis_b),
+                    )
+                ],
+                mesh,
+            )
             out = {}
-            for path, block in blocks.items():
-                eigvals_a, basis_a, _ = _eigenbasis.safe_eigh(
-                    block.factor_a, block.eigvals_a, block.basis_a
-                )
-                eigvals_b, basis_b, _ = _eigenbasis.safe_eigh(
-                    block.factor_b, block.eigvals_b, block.basis_b
-                )
+            for i, path in enumerate(paths):
+                (eigvals_a, basis_a), (eigvals_b, basis_b) = decomposed[2 * i : 2 * i + 2]
                 # EKFAC-ra restarts its average from KFAC's eigenvalues.
                 positions = h[path].shape[1]
-                out[path] = block._replace(
+                out[path] = blocks[path]._replace(
                     eigvals_a=eigvals_a,
                     basis_a=basis_a,
                     eigvals_b=eigvals_b,
@@ -224,6 +236,7 @@ def scale_by_ekfac(
     scaling_decay: jax.typing.ArrayLike = 0.95,
     damping_mode: _scalings.DampingMode = "tikhonov",
     layers: Sequence[str] | None = None,
+    mesh: Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions with EKFAC: a diagonal scaling in the Kronecker-factored eigenbasis.
 
@@ -270,6 +283,11 @@ def scale_by_ekfac(
         (``s + ε + √ε (T S_A ⊕ S_B)``, the paper's Appendix C).
       layers: module paths of the blocks; ``None`` takes every ``kernel`` of
         the params with at least two axes (with its sibling ``bias``).
+      mesh: a ``jax.sharding.Mesh`` over whose devices the eigendecompositions
+        are spread: each factor is decomposed on one device and the results are
+        all-gathered. ``None``: every device decomposes every factor. Data
+        parallelism needs no argument: jit the train step with the batch sharded
+        and XLA reduces the gradients, factors and scalings across devices.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
@@ -297,7 +315,14 @@ def scale_by_ekfac(
     if scaling not in ("batch", "running"):
         raise ValueError(f"scaling must be 'batch' or 'running', got {scaling!r}")
     return _scale_by_kfe(
-        damping, basis_update_every, factor_decay, scaling, scaling_decay, damping_mode, layers
+        damping,
+        basis_update_every,
+        factor_decay,
+        scaling,
+        scaling_decay,
+        damping_mode,
+        layers,
+        mesh,
     )
 
 
@@ -308,6 +333,7 @@ def scale_by_kfac(
     factor_decay: jax.typing.ArrayLike = 0.95,
     damping_mode: _scalings.DampingMode = "tikhonov",
     layers: Sequence[str] | None = None,
+    mesh: Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions with KFAC, computed in the same eigenbasis machinery.
 
@@ -325,6 +351,8 @@ def scale_by_kfac(
       factor_decay: decay of the moving averages of ``A`` and ``B``, in ``[0, 1)``.
       damping_mode: ``"tikhonov"`` or ``"factored"``.
       layers: module paths of the blocks; ``None`` infers them from the params.
+      mesh: devices to spread the eigendecompositions over; see
+        :func:`scale_by_ekfac`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
@@ -336,5 +364,5 @@ def scale_by_kfac(
       approximate Fisher matrix for convolution layers, ICML 2016.
     """
     return _scale_by_kfe(
-        damping, basis_update_every, factor_decay, "kfac", 0.0, damping_mode, layers
+        damping, basis_update_every, factor_decay, "kfac", 0.0, damping_mode, layers, mesh
     )
