@@ -41,9 +41,10 @@ def eigh_all(
     fallbacks: Sequence[tuple[jax.Array, jax.Array]],
     mesh: Mesh | None = None,
 ) -> list[tuple[jax.Array, jax.Array]]:
-    """:func:`safe_eigh` of every factor, same-shaped factors in one batched call.
+    """:func:`safe_eigh` of every factor, spread over the devices of ``mesh``.
 
-    With a ``mesh`` of more than one device, each batch is split along the stack axis over all
+    Without a mesh (or with one device), one call per factor. With a ``mesh`` of more than one
+    device, same-shaped factors are stacked and the stack is split along the stack axis over all
     the mesh's devices (``shard_map``; padded with identities to a multiple of the device count),
     so every factor is decomposed on one device only; the results are then replicated (an
     all-gather of the eigenvalues and eigenvectors).
@@ -57,34 +58,34 @@ def eigh_all(
     Returns:
       Per factor, ``(eigvals, basis)`` as :func:`safe_eigh` returns them.
     """
+    if mesh is None or mesh.size == 1:
+        # One call per factor: a batched eigh inside the basis-update lax.cond was seen to hang
+        # on CPU (the demo's auto-encoder; not yet understood), so batching is kept to meshes.
+        return [safe_eigh(f, *fallback)[:2] for f, fallback in zip(factors, fallbacks, strict=True)]
     groups: dict[tuple, list[int]] = {}
     for i, factor in enumerate(factors):
         groups.setdefault((factor.shape, factor.dtype), []).append(i)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    spread = PartitionSpec(mesh.axis_names)
+    decompose = jax.shard_map(
+        jax.vmap(safe_eigh), mesh=mesh, in_specs=spread, out_specs=spread, check_vma=False
+    )
     out: list = [None] * len(factors)
     for (shape, dtype), members in groups.items():
-        stack = jnp.stack([factors[i] for i in members])
-        fallback_vals = jnp.stack([fallbacks[i][0] for i in members])
-        fallback_bases = jnp.stack([fallbacks[i][1] for i in members])
-        decompose = jax.vmap(safe_eigh)
-        if mesh is not None and mesh.size > 1:
-            pad = -len(members) % mesh.size
-            eye = jnp.broadcast_to(jnp.eye(shape[0], dtype=dtype), (pad, *shape))
-            stack = jnp.concatenate([stack, eye])
-            fallback_vals = jnp.concatenate([fallback_vals, jnp.zeros((pad, shape[0]), dtype)])
-            fallback_bases = jnp.concatenate([fallback_bases, eye])
-            # Replicated inputs: each device slices its share locally (left to itself, XLA's
-            # sharding propagation may build the stack sharded and gather it first).
-            replicated = NamedSharding(mesh, PartitionSpec())
-            stack, fallback_vals, fallback_bases = jax.lax.with_sharding_constraint(
-                (stack, fallback_vals, fallback_bases), replicated
-            )
-            spread = PartitionSpec(mesh.axis_names)
-            decompose = jax.shard_map(
-                decompose, mesh=mesh, in_specs=spread, out_specs=spread, check_vma=False
-            )
+        pad = -len(members) % mesh.size
+        eye = jnp.broadcast_to(jnp.eye(shape[0], dtype=dtype), (pad, *shape))
+        stack = jnp.concatenate([jnp.stack([factors[i] for i in members]), eye])
+        fallback_vals = jnp.concatenate(
+            [jnp.stack([fallbacks[i][0] for i in members]), jnp.zeros((pad, shape[0]), dtype)]
+        )
+        fallback_bases = jnp.concatenate([jnp.stack([fallbacks[i][1] for i in members]), eye])
+        # Replicated inputs: each device slices its share locally (left to itself, XLA's
+        # sharding propagation may build the stack sharded and gather it first).
+        stack, fallback_vals, fallback_bases = jax.lax.with_sharding_constraint(
+            (stack, fallback_vals, fallback_bases), replicated
+        )
         vals, bases, _ = decompose(stack, fallback_vals, fallback_bases)
-        if mesh is not None and mesh.size > 1:
-            vals, bases = jax.lax.with_sharding_constraint((vals, bases), replicated)
+        vals, bases = jax.lax.with_sharding_constraint((vals, bases), replicated)
         for j, i in enumerate(members):
             out[i] = (vals[j], bases[j])
     return out
