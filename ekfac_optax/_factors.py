@@ -11,12 +11,10 @@ def factor_a(h: jax.Array, has_bias: bool) -> jax.Array:
     ``hᵀh`` and the column sums, so that ``h_aug`` is never materialised (on CPU the concatenated
     operand makes the matmul about 1.3x slower).
     """
-    n, t, d = h.shape
-    flat = h.reshape(n * t, d)
-    second = flat.T @ flat / (n * t)
+    second = factor_b(h)  # the same second moment, of the inputs
     if not has_bias:
         return second
-    mean = jnp.mean(flat, axis=0)
+    mean = jnp.mean(h, axis=(0, 1))
     one = jnp.ones((1, 1), h.dtype)
     return jnp.block([[second, mean[:, None]], [mean[None, :], one]])
 
