@@ -19,9 +19,10 @@ ones search the learning rate only, over as many values as the Kronecker grid ha
 configuration of each method is the one with the lowest final training loss. Every run starts from
 the same parameters and sees the same minibatches.
 
-Time is the wall-clock of the training steps only, after compilation (each run's step function
-is compiled and run once on a throw-away copy of the state before its clock starts), including the
-periodic eigendecompositions; the loss evaluations at the end of each epoch are not counted.
+Time is the wall-clock of the training steps only, after compilation, including the periodic
+eigendecompositions; the loss evaluations at the end of each epoch are not counted. All runs of
+the grid (then those of Figure 5) train in one process, alternating epoch by epoch
+(``benchmarks/_training.py``), so that every method sees the same machine load.
 
 Figure 5 (a/b): EKFAC and KFAC at their best learning rate and damping with the eigenbasis
 (and so KFAC's inverse) recomputed every n ∈ {1, 10, 50, 100, 500} steps.
@@ -42,7 +43,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -54,6 +55,17 @@ import optax
 
 import ekfac_optax as ek
 from benchmarks._common import import_kfac_jax, kfac_jax_optimizer, machine_info
+from benchmarks._training import (
+    Runner,
+    best_by_method,
+    config_string,
+    final_loss,
+    fmt_list,
+    median_ms_per_step,
+    pack,
+    time_to_reach,
+    train_alternated,
+)
 
 PAPER_GRID = (1e-1, 1e-2, 1e-3, 1e-4)
 KRONECKER = ("EKFAC", "EKFAC-ra", "KFAC", "kfac-jax")
@@ -140,20 +152,13 @@ def arch_string(hidden, code, pixels) -> str:
 
 
 # --- Runners --------------------------------------------------------------------------------------
-class Runner(NamedTuple):
-    """``init(params) -> state``, ``step(state, x) -> (state, loss)``, ``loss(state, x)``."""
-
-    init: Callable[[Any], Any]
-    step: Callable[[Any, np.ndarray], tuple[Any, Any]]
-    loss: Callable[[Any, np.ndarray], Any]
-
-
 class Problem(NamedTuple):
     model: AutoEncoder
     bn_model: AutoEncoder
     params: Any
     bn_variables: Any  # BatchNorm model: same Dense params, BN scale 1, bias 0, fresh stats
-    x0: np.ndarray  # a minibatch for the warm-up step
+    train_x: np.ndarray
+    val_x: np.ndarray
 
 
 def kronecker_tx(method: str, lr, damping, every: int) -> optax.GradientTransformation:
@@ -178,6 +183,11 @@ class Compiled:
         model, bn_model = problem.model, problem.bn_model
         self.loss = jax.jit(lambda params, x: bce(model.apply({"params": params}, x), x))
         self.bn_loss = jax.jit(lambda variables, x: bce(bn_model.apply(variables, x), x))
+
+    def evaluate(self, loss_fn, variables) -> tuple[float, float]:
+        """Training and validation loss, each on the whole set."""
+        problem = self.problem
+        return tuple(float(loss_fn(variables, x)) for x in (problem.train_x, problem.val_x))
 
     def kronecker(self, method: str):
         key = method
@@ -234,35 +244,30 @@ class Compiled:
 def make_runner(compiled: Compiled, method: str, lr: float, damping, every: int, kfac_jax):
     problem = compiled.problem
     if method == "kfac-jax":
-        return kfac_jax_runner(kfac_jax, problem, lr, damping, every)
+        return kfac_jax_runner(kfac_jax, compiled, lr, damping, every)
     if method in KRONECKER:
         step = compiled.kronecker(method)
         tx = kronecker_tx(method, 1.0, 1.0, every)  # the state does not depend on lr, damping, n
         lr_, damping_, every_ = jnp.float32(lr), jnp.float32(damping), jnp.int32(every)
         return Runner(
-            init=lambda params: (params, tx.init(params)),
-            step=lambda s, x: _pack(step(s[0], s[1], x, lr_, damping_, every_)),
-            loss=lambda s, x: compiled.loss(s[0], x),
+            init=lambda: (problem.params, tx.init(problem.params)),
+            step=lambda s, b: pack(step(s[0], s[1], b[0], lr_, damping_, every_)),
+            evaluate=lambda s: compiled.evaluate(compiled.loss, s[0]),
         )
     step = compiled.first_order(method)
     tx = first_order_tx(method, 1.0)
     lr_ = jnp.float32(lr)
     if method == "Adam+BN":
         return Runner(
-            init=lambda params: (problem.bn_variables, tx.init(problem.bn_variables["params"])),
-            step=lambda s, x: _pack(step(s[0], s[1], x, lr_)),
-            loss=lambda s, x: compiled.bn_loss(s[0], x),
+            init=lambda: (problem.bn_variables, tx.init(problem.bn_variables["params"])),
+            step=lambda s, b: pack(step(s[0], s[1], b[0], lr_)),
+            evaluate=lambda s: compiled.evaluate(compiled.bn_loss, s[0]),
         )
     return Runner(
-        init=lambda params: ({"params": params}, tx.init(params)),
-        step=lambda s, x: _pack(step(s[0], s[1], x, lr_)),
-        loss=lambda s, x: compiled.loss(s[0]["params"], x),
+        init=lambda: ({"params": problem.params}, tx.init(problem.params)),
+        step=lambda s, b: pack(step(s[0], s[1], b[0], lr_)),
+        evaluate=lambda s: compiled.evaluate(compiled.loss, s[0]["params"]),
     )
-
-
-def _pack(out):
-    params, opt_state, loss = out
-    return (params, opt_state), loss
 
 
 # --- kfac-jax -------------------------------------------------------------------------------------
@@ -274,75 +279,42 @@ def kfac_jax_status() -> tuple[Any, str]:
         return None, f"{type(e).__name__}: {e}"
 
 
-def kfac_jax_runner(kfac_jax, problem: Problem, lr: float, damping: float, every: int):
+def kfac_jax_runner(kfac_jax, compiled: Compiled, lr: float, damping: float, every: int):
     """kfac-jax's KFAC: fixed learning rate and damping, no momentum, exact inverses of
     ``A ⊗ B + damping I`` every ``every`` steps, empirical Fisher, factor EMA 0.95 (as ours)."""
-    model = problem.model
+    problem = compiled.problem
 
     def loss_fn(params, x):
-        logits = model.apply({"params": params}, x)
+        logits = problem.model.apply({"params": params}, x)
         kfac_jax.register_sigmoid_cross_entropy_loss(logits, x)
         return bce(logits, x)
 
     optimizer = kfac_jax_optimizer(kfac_jax, loss_fn, lr, damping, FACTOR_DECAY, every)
     rng = jax.random.key(1)
-    loss = jax.jit(lambda params, x: bce(model.apply({"params": params}, x), x))
 
-    def init(params):
-        params = jax.tree.map(jnp.copy, params)  # kfac-jax donates its inputs
-        return params, optimizer.init(params, rng, problem.x0), 0
+    def init():
+        params = jax.tree.map(jnp.copy, problem.params)  # kfac-jax donates its inputs
+        return params, optimizer.init(params, rng, problem.train_x[:1]), 0
 
-    def step(state, x):
+    def step(state, batch):
         params, opt_state, i = state
         params, opt_state, stats = optimizer.step(
-            params, opt_state, rng, batch=x, global_step_int=i
+            params, opt_state, rng, batch=batch[0], global_step_int=i
         )
         return (params, opt_state, i + 1), stats["loss"]
 
-    return Runner(init=init, step=step, loss=lambda s, x: loss(s[0], x))
+    return Runner(init, step, evaluate=lambda s: compiled.evaluate(compiled.loss, s[0]))
 
 
-# --- Training -------------------------------------------------------------------------------------
-def train(runner: Runner, params, train_x, val_x, args, label: str) -> list[tuple]:
-    """``[(epoch, seconds, train_loss, val_loss)]`` for epochs 0..E (stops early on NaN/Inf)."""
-    # Warm-up: compile and run two steps on a throw-away copy of the initial state (the second
-    # step sees the dtypes of a stepped state, which may differ from init's weak types).
-    warm = jax.tree.map(
-        lambda a: jnp.copy(a) if isinstance(a, jax.Array) else a, runner.init(params)
-    )
-    for _ in range(2):
-        warm, loss = runner.step(warm, train_x[: args.batch])
-    jax.block_until_ready((warm, loss))
-    state = runner.init(params)
-    rng = np.random.default_rng(args.seed)  # the same minibatches for every run
-    n_batches = len(train_x) // args.batch
-    seconds = 0.0
-    history = [(0, 0.0, float(runner.loss(state, train_x)), float(runner.loss(state, val_x)))]
-    for epoch in range(1, args.epochs + 1):
-        print(f"\r{label:<48} epoch {epoch}/{args.epochs}", end="", file=sys.stderr, flush=True)
-        order = rng.permutation(len(train_x))
-        for b in range(n_batches):
-            x = train_x[order[b * args.batch : (b + 1) * args.batch]]
-            start = time.perf_counter()
-            state, loss = runner.step(state, x)
-            jax.block_until_ready((state, loss))
-            seconds += time.perf_counter() - start
-        train_loss = float(runner.loss(state, train_x))
-        history.append((epoch, seconds, train_loss, float(runner.loss(state, val_x))))
-        if not math.isfinite(train_loss):
-            break
-    return history
-
-
-def first_order_lrs(n: int) -> list[float]:
-    """``n`` learning rates log-spaced over the paper's range (the paper's grid for n = 4)."""
-    return [1e-2] if n == 1 else [float(v) for v in np.logspace(-1, -4, n)]
-
-
-def final_loss(history) -> float:
-    """The training loss after the last epoch; inf if the run diverged."""
-    value = history[-1][2]
-    return value if math.isfinite(value) else math.inf
+# --- Runs -----------------------------------------------------------------------------------------
+def first_order_lrs(args) -> list[float]:
+    """The first-order methods' learning rates: as many as the Kronecker grid has configurations,
+    but at least the paper's four (they are cheap), log-spaced over the paper's range; 1e-2 alone
+    for ``--quick``."""
+    if args.quick:
+        return [1e-2]
+    n = max(len(args.lrs) * len(args.dampings), len(PAPER_GRID))
+    return [float(v) for v in np.logspace(-1, -4, n)]
 
 
 def run(args, kfac_jax, kfac_jax_reason) -> tuple[list[dict], dict]:
@@ -361,51 +333,43 @@ def run(args, kfac_jax, kfac_jax_reason) -> tuple[list[dict], dict]:
     bn_params = dict(bn_variables["params"])
     bn_params.update({k: v for k, v in params.items()})  # the same Dense weights as the others
     bn_variables = {"params": bn_params, "batch_stats": bn_variables["batch_stats"]}
-    problem = Problem(model, bn_model, params, bn_variables, train_x[: args.batch])
+    problem = Problem(model, bn_model, params, bn_variables, train_x, val_x)
     compiled = Compiled(problem)
 
     methods = [m for m in METHODS if m != "kfac-jax" or kfac_jax is not None]
-    n_configs = len(args.lrs) * len(args.dampings)
     grid = {
         m: [(lr, d) for lr in args.lrs for d in args.dampings]
         if m in KRONECKER
-        else [(lr, None) for lr in first_order_lrs(n_configs)]
+        else [(lr, None) for lr in first_order_lrs(args)]
         for m in methods
     }
     runs = []
 
-    def do(method, lr, damping, every, experiment):
-        label = f"{method} lr={lr:g}" + (f" damping={damping:g}" if damping is not None else "")
-        label += f" n={every}" if experiment == "fig5" else ""
-        runner = make_runner(compiled, method, lr, damping, every, kfac_jax)
-        start = time.perf_counter()
-        history = train(runner, params, train_x, val_x, args, label)
-        elapsed = time.perf_counter() - start
-        print(f"\r{label:<48} {elapsed:6.1f} s in all, loss {history[-1][2]:.3f}", file=sys.stderr)
-        runs.append(
-            dict(
-                method=method,
-                lr=lr,
-                damping=damping,
-                every=every,
-                experiment=experiment,
-                history=history,
-            )
-        )
-        return runs[-1]
+    def train(configs, experiment, epochs):
+        """Trains ``(method, lr, damping, every)`` configurations alternately; adds them to runs."""
+        labelled = []
+        for method, lr, damping, every in configs:
+            label = f"{method} lr={lr:g}" + ("" if damping is None else f" damping={damping:g}")
+            label += f" n={every}" if experiment == "fig5" else ""
+            labelled.append((label, make_runner(compiled, method, lr, damping, every, kfac_jax)))
+        histories = train_alternated(labelled, (train_x,), epochs, args.batch, args.seed)
+        for (method, lr, damping, every), history in zip(configs, histories, strict=True):
+            runs.append(dict(method=method, lr=lr, damping=damping, every=every,
+                             experiment=experiment, history=history))  # fmt: skip
 
-    for method in methods:
-        for lr, damping in grid[method]:
-            do(method, lr, damping, args.basis_update_every, "grid")
+    every = args.basis_update_every
+    train([(m, lr, d, every) for m in methods for lr, d in grid[m]], "grid", args.epochs)
     best = best_runs(runs)
+    fig5 = []
     for method in FIG5_METHODS:
-        for every in args.fig5_periods:
-            b = best[method]
-            if every == args.basis_update_every:
+        b = best[method]
+        for n in args.fig5_periods:
+            if n == every and args.fig5_epochs == args.epochs:
                 runs.append(dict(b, experiment="fig5"))  # the same run: reuse it
             else:
-                do(method, b["lr"], b["damping"], every, "fig5")
-    print(file=sys.stderr)
+                fig5.append((method, b["lr"], b["damping"], n))
+    if fig5:
+        train(fig5, "fig5", args.fig5_epochs)
     context = dict(
         data_desc=data_desc,
         n_train=len(train_x),
@@ -420,15 +384,8 @@ def run(args, kfac_jax, kfac_jax_reason) -> tuple[list[dict], dict]:
 
 
 def best_runs(runs) -> dict:
-    best = {}
-    for r in runs:
-        if r["experiment"] != "grid":
-            continue
-        if r["method"] not in best or final_loss(r["history"]) < final_loss(
-            best[r["method"]]["history"]
-        ):
-            best[r["method"]] = r
-    return best
+    """The grid run of each method with the lowest final training loss."""
+    return best_by_method([r for r in runs if r["experiment"] == "grid"])
 
 
 def mean_image_loss(x: np.ndarray) -> float:
@@ -444,14 +401,6 @@ def loss_floor(x: np.ndarray) -> float:
 
 
 # --- Figures of merit -----------------------------------------------------------------------------
-def time_to_reach(history, target: float) -> float | None:
-    """Seconds at the end of the first epoch whose training loss is <= ``target``."""
-    for _, seconds, loss, _ in history[1:]:
-        if loss <= target:
-            return seconds
-    return None
-
-
 def on_plateau(history, plateau: float) -> bool:
     return math.isfinite(history[-1][2]) and history[-1][2] >= 0.97 * plateau
 
@@ -538,11 +487,6 @@ def plot_fig5(runs, context, args, path):
 
 
 # --- Report ---------------------------------------------------------------------------------------
-def config_string(r) -> str:
-    s = f"lr={r['lr']:.3g}"
-    return s if r["damping"] is None else s + f", damping={r['damping']:g}"
-
-
 def summary(runs, context, args, command, wall) -> str:
     best = best_runs(runs)
     adam = best.get("Adam")
@@ -569,14 +513,18 @@ def summary(runs, context, args, command, wall) -> str:
         f"eigenbasis/inverse recomputed every {args.basis_update_every} steps, factor EMA decay "
         f"{FACTOR_DECAY}, Tikhonov damping; KFAC is `ek.kfac` without update clipping. SGD has "
         f"momentum {SGD_MOMENTUM}. Losses are on the full training / validation set at the end "
-        "of each epoch; seconds are the training steps only, after compilation.",
+        "of each epoch; seconds are the training steps only, after compilation. All runs of "
+        "the grid (then all runs of Figure 5) are trained in one process, alternating epoch by "
+        "epoch (epoch e of every run, then epoch e+1), so that every method sees the same "
+        "machine load.",
         "",
         "## Grid",
         "",
         f"- EKFAC, EKFAC-ra, KFAC, kfac-jax: learning rate ∈ {fmt_list(args.lrs)} × damping ∈ "
         f"{fmt_list(args.dampings)} ({n_configs} configurations).",
-        f"- SGD, Adam, Adam+BN: learning rate only, ∈ {fmt_list(first_order_lrs(n_configs))} "
-        f"({n_configs} configurations, log-spaced over the same range).",
+        f"- SGD, Adam, Adam+BN: learning rate only, ∈ {fmt_list(first_order_lrs(args))} "
+        f"({len(first_order_lrs(args))} configurations, log-spaced over the paper's range; at "
+        "least as many as the Kronecker-factored methods get).",
         "- Selection: lowest training loss after the last epoch (diverged runs count as +inf).",
     ]
     if args.lrs != list(PAPER_GRID) or args.dampings != list(PAPER_GRID):
@@ -595,11 +543,19 @@ def summary(runs, context, args, command, wall) -> str:
         f"({target:.3f}): end of the first epoch at or below it (epoch resolution), as a ratio "
         f"to Adam's total time ({adam_time:.2f} s).",
         "",
-        "| method | best config | train loss | val loss | time (s) | ms/step | time to Adam's "
-        "final loss (s) | ratio to Adam | configs diverged | configs on plateau |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | best config | train loss | val loss | time (s) | ms/step | step time / "
+        "Adam's | time to Adam's final loss (s) | ratio to Adam | configs diverged | configs on "
+        "plateau |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    steps = args.epochs * (context["n_train"] // args.batch)
+    steps_per_epoch = context["n_train"] // args.batch
+
+    def ms_per_step(method):
+        histories = [g["history"] for g in runs if g["experiment"] == "grid"
+                     and g["method"] == method]  # fmt: skip
+        return median_ms_per_step(histories, steps_per_epoch)
+
+    adam_ms = ms_per_step("Adam")
     for method, r in best.items():
         h = r["history"]
         reach = time_to_reach(h, target) if adam else None
@@ -608,12 +564,19 @@ def summary(runs, context, args, command, wall) -> str:
         grid_runs = [g for g in runs if g["experiment"] == "grid" and g["method"] == method]
         diverged = sum(not math.isfinite(g["history"][-1][2]) for g in grid_runs)
         stuck = sum(on_plateau(g["history"], plateau) for g in grid_runs)
-        done = len(h) - 1 == args.epochs
+        stopped = "" if len(h) - 1 == args.epochs else f" (stopped at epoch {h[-1][0]})"
+        ms = ms_per_step(method)
         lines.append(
-            f"| {method} | {config_string(r)} | {h[-1][2]:.3f} | {h[-1][3]:.3f} | {h[-1][1]:.2f} "
-            f"| {1e3 * h[-1][1] / steps:.2f}{'' if done else ' (stopped)'} | {reach_s} | {ratio} "
-            f"| {diverged}/{len(grid_runs)} | {stuck}/{len(grid_runs)} |"
+            f"| {method} | {config_string(r)} | {h[-1][2]:.3f}{stopped} | {h[-1][3]:.3f} | "
+            f"{h[-1][1]:.2f} | {ms:.2f} | {ms / adam_ms:.2f} | {reach_s} | {ratio} | "
+            f"{diverged}/{len(grid_runs)} | {stuck}/{len(grid_runs)} |"
         )
+    lines += [
+        "",
+        "ms/step: median over every epoch of the method's grid runs of the training time per "
+        "step (the work of a step does not depend on the learning rate or the damping); time: "
+        "the best run's training time.",
+    ]
     lines += ["", "## Goals", ""]
     if all(m in best for m in ("EKFAC", "EKFAC-ra", "KFAC", "Adam", "SGD")):
         every, final, wins, n = per_epoch_goal(best)
@@ -638,7 +601,11 @@ def summary(runs, context, args, command, wall) -> str:
         f"- Plateau (final loss ≥ 97% of the mean-image loss): best runs on it: "
         f"{', '.join(stuck) if stuck else 'none'}; see the per-method counts above."
     )
-    lines += ["", "## Figure 5: recomputation period n (fixed best lr/damping)", ""]
+    lines += [
+        "",
+        f"## Figure 5: recomputation period n (fixed best lr/damping), {args.fig5_epochs} epochs",
+        "",
+    ]
     lines.append("| method | config | " + " | ".join(f"n={n}" for n in args.fig5_periods) + " |")
     lines.append("| --- | --- |" + " --- |" * len(args.fig5_periods))
     for method in FIG5_METHODS:
@@ -668,10 +635,6 @@ def stem(args) -> str:
     return "autoencoder_small" if args.small else "autoencoder"
 
 
-def fmt_list(values) -> str:
-    return "{" + ", ".join(f"{v:.3g}" for v in values) + "}"
-
-
 # --- Entry point ----------------------------------------------------------------------------------
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -685,6 +648,7 @@ def parse_args(argv):
     parser.add_argument("--dampings", default=None, help="comma list (default the paper's)")
     parser.add_argument("--basis-update-every", type=int, default=20)
     parser.add_argument("--fig5-periods", default=None, help="comma list (1,10,50,100,500)")
+    parser.add_argument("--fig5-epochs", type=int, default=None, help="(default: --epochs)")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--no-kfac-jax", action="store_true", help="skip kfac-jax")
     parser.add_argument("--seed", type=int, default=0)
@@ -696,6 +660,7 @@ def parse_args(argv):
     if args.quick:
         args.small = True
     args.epochs = args.epochs or (2 if args.quick else 30)
+    args.fig5_epochs = args.fig5_epochs or args.epochs
     args.lrs = floats(args.lrs, [1e-2] if args.quick else list(PAPER_GRID))
     args.dampings = floats(args.dampings, [1e-3] if args.quick else list(PAPER_GRID))
     periods = floats(args.fig5_periods, [1, 10] if args.quick else [1, 10, 50, 100, 500])

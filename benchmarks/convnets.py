@@ -77,7 +77,7 @@ import os
 import pickle
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -90,6 +90,17 @@ from flax import traverse_util
 
 import ekfac_optax as ek
 from benchmarks._common import machine_info
+from benchmarks._training import (
+    Runner,
+    best_by_method,
+    config_string,
+    final_loss,
+    fmt_list,
+    median_ms_per_step,
+    pack,
+    time_to_reach,
+    train_alternated,
+)
 
 KRONECKER = ("EKFAC-ra", "KFAC")
 FIRST_ORDER = ("SGD", "SGD+BN")
@@ -330,19 +341,12 @@ def cross_entropy(logits, y):
 
 
 # --- Steps ----------------------------------------------------------------------------------------
-class Runner(NamedTuple):
-    """``init() -> state``, ``step(state, x, y) -> (state, loss)``, ``evaluate(state, x, y)``."""
-
-    init: Callable[[], Any]
-    step: Callable[[Any, np.ndarray, np.ndarray], tuple[Any, Any]]
-    evaluate: Callable[[Any, np.ndarray, np.ndarray], tuple[float, float]]
-
-
 class Problem(NamedTuple):
     model: nn.Module
     bn_model: nn.Module
     params: Any
     bn_variables: Any
+    data: Data
 
 
 def kronecker_tx(method: str, lr, damping, every, args) -> optax.GradientTransformation:
@@ -366,7 +370,16 @@ class Compiled:
         self.plain_sums = jax.jit(lambda p, x, y: sums(model.apply({"params": p}, x), y))
         self.bn_sums = jax.jit(lambda v, x, y: sums(bn_model.apply(v, x), y))
 
-    def evaluate(self, sums_fn, variables, x, y) -> tuple[float, float]:
+    def evaluate(self, sums_fn, variables) -> tuple[float, float, float, float]:
+        """Training loss, validation loss, training and validation accuracy."""
+        data = self.problem.data
+        train_loss, train_acc = self.mean_loss_accuracy(sums_fn, variables, data.train_x,
+                                                        data.train_y)  # fmt: skip
+        val_loss, val_acc = self.mean_loss_accuracy(sums_fn, variables, data.val_x, data.val_y)
+        return train_loss, val_loss, train_acc, val_acc
+
+    @staticmethod
+    def mean_loss_accuracy(sums_fn, variables, x, y) -> tuple[float, float]:
         """Mean loss and accuracy over the whole of ``x``, in chunks of ``EVAL_CHUNK``."""
         loss, correct = 0.0, 0
         for i in range(0, len(x), EVAL_CHUNK):
@@ -441,8 +454,8 @@ def make_runner(compiled: Compiled, method: str, lr: float, damping, every: int)
         lr_, damping_, every_ = jnp.float32(lr), jnp.float32(damping), jnp.int32(every)
         return Runner(
             init=lambda: (problem.params, compiled.initial_opt_state(method)),
-            step=lambda s, x, y: _pack(step(s[0], s[1], x, y, lr_, damping_, every_)),
-            evaluate=lambda s, x, y: compiled.evaluate(compiled.plain_sums, s[0], x, y),
+            step=lambda s, b: pack(step(s[0], s[1], *b, lr_, damping_, every_)),
+            evaluate=lambda s: compiled.evaluate(compiled.plain_sums, s[0]),
         )
     step = compiled.first_order(method)
     tx = optax.sgd(1.0, momentum=SGD_MOMENTUM)
@@ -451,67 +464,17 @@ def make_runner(compiled: Compiled, method: str, lr: float, damping, every: int)
     sums = compiled.bn_sums if method == "SGD+BN" else compiled.plain_sums
     return Runner(
         init=lambda: (variables, tx.init(variables["params"])),
-        step=lambda s, x, y: _pack(step(s[0], s[1], x, y, lr_)),
-        evaluate=lambda s, x, y: compiled.evaluate(
-            sums, s[0] if method == "SGD+BN" else s[0]["params"], x, y
-        ),
+        step=lambda s, b: pack(step(s[0], s[1], *b, lr_)),
+        evaluate=lambda s: compiled.evaluate(sums, s[0] if method == "SGD+BN" else s[0]["params"]),
     )
 
 
-def _pack(out):
-    params, opt_state, loss = out
-    return (params, opt_state), loss
-
-
-# --- Training -------------------------------------------------------------------------------------
-def train(runner: Runner, data: Data, args, label: str) -> list[tuple]:
-    """``[(epoch, seconds, train_loss, val_loss, train_acc, val_acc)]`` for epochs 0..E; stops
-    early when the training loss is NaN or Inf."""
-    # Warm-up: compile and run two steps on a throw-away copy of the initial state (the second
-    # step sees the dtypes of a stepped state, which may differ from init's weak types).
-    warm = jax.tree.map(lambda a: jnp.copy(a) if isinstance(a, jax.Array) else a, runner.init())
-    x0, y0 = data.train_x[: args.batch], data.train_y[: args.batch]
-    for _ in range(2):
-        warm, loss = runner.step(warm, x0, y0)
-    jax.block_until_ready((warm, loss))
-    state = runner.init()
-    rng = np.random.default_rng(args.seed)  # the same minibatches for every run
-
-    def row(epoch, seconds):
-        train_loss, train_acc = runner.evaluate(state, data.train_x, data.train_y)
-        val_loss, val_acc = runner.evaluate(state, data.val_x, data.val_y)
-        return (epoch, seconds, train_loss, val_loss, train_acc, val_acc)
-
-    n_batches = len(data.train_x) // args.batch
-    seconds = 0.0
-    history = [row(0, 0.0)]
-    for epoch in range(1, args.epochs + 1):
-        print(f"\r{label:<52} epoch {epoch}/{args.epochs}", end="", file=sys.stderr, flush=True)
-        order = rng.permutation(len(data.train_x))
-        for b in range(n_batches):
-            idx = order[b * args.batch : (b + 1) * args.batch]
-            x, y = data.train_x[idx], data.train_y[idx]
-            start = time.perf_counter()
-            state, loss = runner.step(state, x, y)
-            jax.block_until_ready((state, loss))
-            seconds += time.perf_counter() - start
-        history.append(row(epoch, seconds))
-        if not math.isfinite(history[-1][2]):
-            break
-    return history
-
-
+# --- Runs -----------------------------------------------------------------------------------------
 def first_order_lrs(lrs: Sequence[float], n: int) -> list[float]:
     """``n`` learning rates log-spaced over the range of the Kronecker grid's ``lrs``."""
     if n == 1 or len(lrs) == 1:
         return [float(lrs[0])]
     return [float(v) for v in np.logspace(np.log10(max(lrs)), np.log10(min(lrs)), n)]
-
-
-def final_loss(history) -> float:
-    """The training loss after the last epoch; inf if it is NaN or Inf."""
-    value = history[-1][2]
-    return value if math.isfinite(value) else math.inf
 
 
 def diverged(history) -> bool:
@@ -533,22 +496,21 @@ def run(args, data: Data) -> tuple[list[dict], dict]:
         params, bn_variables = init_variables(model, bn_model, x0, args.seed)
         n_params = sum(p.size for p in jax.tree.leaves(params))
         archs[arch] = dict(desc=desc, n_params=int(n_params))
-        compiled = Compiled(Problem(model, bn_model, params, bn_variables), args)
-        for method in METHODS:
-            for lr, damping in grid[method]:
-                label = f"{arch} {method} lr={lr:.3g}"
-                label += "" if damping is None else f" damping={damping:g}"
-                runner = make_runner(compiled, method, lr, damping, args.basis_update_every)
-                start = time.perf_counter()
-                history = train(runner, data, args, label)
-                elapsed = time.perf_counter() - start
-                print(
-                    f"\r{label:<52} {elapsed:6.1f} s in all, loss {history[-1][2]:.4f}, "
-                    f"val acc {history[-1][5]:.3f}",
-                    file=sys.stderr,
-                )
-                runs.append(dict(arch=arch, method=method, lr=lr, damping=damping,
-                                 history=history))  # fmt: skip
+        compiled = Compiled(Problem(model, bn_model, params, bn_variables, data), args)
+        configs = [(m, lr, d) for m in METHODS for lr, d in grid[m]]
+        labelled = [
+            (
+                f"{arch} {m} lr={lr:.3g}" + ("" if d is None else f" damping={d:g}"),
+                make_runner(compiled, m, lr, d, args.basis_update_every),
+            )
+            for m, lr, d in configs
+        ]
+        histories = train_alternated(
+            labelled, (data.train_x, data.train_y), args.epochs, args.batch, args.seed
+        )
+        for (method, lr, damping), history in zip(configs, histories, strict=True):
+            runs.append(dict(arch=arch, method=method, lr=lr, damping=damping,
+                             history=history))  # fmt: skip
     context = dict(
         data_desc=data.desc,
         n_train=len(data.train_x),
@@ -563,31 +525,12 @@ def run(args, data: Data) -> tuple[list[dict], dict]:
 # --- Figures of merit -----------------------------------------------------------------------------
 def best_runs(runs, arch: str) -> dict:
     """The run of each method with the lowest final training loss, for one architecture."""
-    best = {}
-    for r in runs:
-        if r["arch"] != arch:
-            continue
-        if r["method"] not in best or final_loss(r["history"]) < final_loss(
-            best[r["method"]]["history"]
-        ):
-            best[r["method"]] = r
-    return best
+    return best_by_method([r for r in runs if r["arch"] == arch])
 
 
 def ms_per_step(runs, arch: str, method: str, steps_per_epoch: int) -> float:
-    """Median over the method's runs (that did not stop early) of training time per step."""
-    times = [1e3 * r["history"][-1][1] / (steps_per_epoch * r["history"][-1][0])
-             for r in runs if r["arch"] == arch and r["method"] == method
-             and r["history"][-1][0] > 0]  # fmt: skip
-    return float(np.median(times)) if times else math.nan
-
-
-def time_to_reach(history, target: float) -> float | None:
-    """Seconds at the end of the first epoch whose training loss is <= ``target``."""
-    for row in history[1:]:
-        if row[2] <= target:
-            return row[1]
-    return None
+    histories = [r["history"] for r in runs if r["arch"] == arch and r["method"] == method]
+    return median_ms_per_step(histories, steps_per_epoch)
 
 
 def per_epoch_wins(a, b) -> tuple[int, int, bool]:
@@ -634,15 +577,6 @@ def plot(runs, context, args, path):
 
 
 # --- Report ---------------------------------------------------------------------------------------
-def config_string(r) -> str:
-    s = f"lr={r['lr']:.3g}"
-    return s if r["damping"] is None else s + f", damping={r['damping']:g}"
-
-
-def fmt_list(values) -> str:
-    return "{" + ", ".join(f"{v:.3g}" for v in values) + "}"
-
-
 def edge_line(runs, arch: str, best: dict) -> str:
     """Which best configurations lie on the edge of their grid (the optimum may be outside)."""
     notes, searched = [], False
@@ -743,7 +677,9 @@ def summary(runs, context, args, command, wall) -> str:
         "the running averages). Every run of an architecture starts from the same parameters "
         "and sees the same minibatches. Losses and accuracies are on the full training / "
         "validation sets at the end of each epoch; seconds are the training steps only, after "
-        "compilation.",
+        "compilation. All runs of an architecture are trained in one process, alternating epoch "
+        "by epoch (epoch e of every run, then epoch e+1), so that every method sees the same "
+        "machine load.",
         "",
         "## Grid",
         "",
@@ -778,9 +714,10 @@ def summary(runs, context, args, command, wall) -> str:
             )
         lines += [
             "",
-            "ms/step: median over all of the method's runs of training time per step (the work "
-            "per step does not depend on the learning rate or the damping); time: the best run's "
-            "training time; diverged: final training loss NaN, Inf or above the initial loss.",
+            "ms/step: median over every epoch of the method's runs of the training time per step "
+            "(the work of a step does not depend on the learning rate or the damping); time: the "
+            "best run's training time; diverged: final training loss NaN, Inf or above the "
+            "initial loss.",
             "",
             f"### {arch}: goals and observations",
             "",

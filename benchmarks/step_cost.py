@@ -161,30 +161,17 @@ def softmax_loss(problem: Problem) -> Callable:
     return loss_fn
 
 
-def optax_runner(problem: Problem, tx: optax.GradientTransformation) -> Runner:
+def optax_runner(problem: Problem, tx: optax.GradientTransformation, stats: bool = False) -> Runner:
+    """A jitted step of ``tx``; with ``stats``, the gradient comes with the layer statistics from
+    ``ek.value_grad_and_stats`` and they are passed to ``tx.update`` (ours)."""
     loss_fn = softmax_loss(problem)
+    grad_fn = ek.value_grad_and_stats(loss_fn) if stats else jax.value_and_grad(loss_fn)
 
     @jax.jit
     def step(params, opt_state):
-        grads = jax.grad(loss_fn)(params, problem.x, problem.y)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    return Runner(
-        init=lambda: (problem.params, tx.init(problem.params)),
-        run=_loop(step),
-        state_bytes=lambda carry: tree_bytes(carry[1]),
-        temp_bytes=lambda carry: compiled_temp_bytes(step, carry),
-    )
-
-
-def ours_runner(problem: Problem, tx: optax.GradientTransformationExtraArgs) -> Runner:
-    grad_fn = ek.value_grad_and_stats(softmax_loss(problem))
-
-    @jax.jit
-    def step(params, opt_state):
-        _, grads, stats = grad_fn(params, problem.x, problem.y)
-        updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
+        _, grads, *extra = grad_fn(params, problem.x, problem.y)
+        kwargs = {"stats": extra[0]} if stats else {}
+        updates, opt_state = tx.update(grads, opt_state, params, **kwargs)
         return optax.apply_updates(params, updates), opt_state
 
     return Runner(
@@ -259,7 +246,7 @@ def methods(kfac_jax: Any) -> dict[str, tuple[int, Callable[[Problem], Runner]]]
     }
 
     def kfac(every):
-        return lambda p: ours_runner(
+        return lambda p: optax_runner(
             p,
             ek.kfac(
                 LEARNING_RATE,
@@ -267,10 +254,11 @@ def methods(kfac_jax: Any) -> dict[str, tuple[int, Callable[[Problem], Runner]]]
                 basis_update_every=every,
                 factor_decay=FACTOR_DECAY,
             ),
+            stats=True,
         )
 
     def ekfac(every, scaling):
-        return lambda p: ours_runner(
+        return lambda p: optax_runner(
             p,
             ek.ekfac(
                 LEARNING_RATE,
@@ -279,6 +267,7 @@ def methods(kfac_jax: Any) -> dict[str, tuple[int, Callable[[Problem], Runner]]]
                 factor_decay=FACTOR_DECAY,
                 scaling=scaling,
             ),
+            stats=True,
         )
 
     for every in (1, 10, 100):

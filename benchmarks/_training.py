@@ -1,0 +1,146 @@
+"""Training runs shared by the benchmarks that compare optimizers over epochs.
+
+Every run of a comparison is trained in one process, alternating: epoch ``e`` of every run, then
+epoch ``e + 1`` of every run, and so on, so that a change of the machine's load during the
+benchmark affects every method alike rather than whichever ran last. Each run's step function is
+compiled (and run twice on a throw-away copy of its state) before any clock starts; a run's clock
+counts its training steps only, not the evaluations at the end of each epoch.
+"""
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Runner(NamedTuple):
+    """One optimizer on one problem.
+
+    ``init() -> state``; ``step(state, batch) -> (state, loss)`` with ``batch`` a tuple of arrays;
+    ``evaluate(state) -> metrics``, a tuple whose first entry is the training loss.
+    """
+
+    init: Callable[[], Any]
+    step: Callable[[Any, tuple], tuple[Any, Any]]
+    evaluate: Callable[[Any], tuple[float, ...]]
+
+
+def pack(out) -> tuple[tuple[Any, Any], Any]:
+    """``(params, opt_state, loss)`` from a jitted step as ``Runner.step``'s ``(state, loss)``."""
+    params, opt_state, loss = out
+    return (params, opt_state), loss
+
+
+def train_alternated(
+    runners: Sequence[tuple[str, Runner]],
+    data: tuple[np.ndarray, ...],
+    epochs: int,
+    batch: int,
+    seed: int,
+) -> list[list[tuple]]:
+    """Trains every runner for ``epochs`` epochs on the same minibatches, alternating by epoch.
+
+    Args:
+      runners: ``(label, runner)`` pairs; the label is shown in the progress line.
+      data: the training arrays (inputs, and labels if any), sliced together into minibatches.
+      epochs: epochs per run.
+      batch: minibatch size; each epoch is a fresh permutation (from ``seed``) cut into
+        ``len(data[0]) // batch`` minibatches, the same for every run.
+      seed: seed of the minibatch order.
+
+    Returns:
+      One history per runner: ``[(epoch, seconds, *metrics)]`` for epochs ``0..E`` with the
+      cumulative training seconds; a run whose training loss becomes NaN or Inf stops there.
+    """
+    first = tuple(a[:batch] for a in data)
+    for label, runner in runners:  # compile everything before any clock starts
+        _progress(f"compiling {label}")
+        warm = jax.tree.map(lambda a: jnp.copy(a) if isinstance(a, jax.Array) else a, runner.init())
+        for _ in range(2):  # the second step sees a stepped state's dtypes (no weak types)
+            warm, loss = runner.step(warm, first)
+        jax.block_until_ready((warm, loss))
+    states = [runner.init() for _, runner in runners]
+    histories = [
+        [(0, 0.0, *runner.evaluate(state))]
+        for (_, runner), state in zip(runners, states, strict=True)
+    ]
+    rng = np.random.default_rng(seed)
+    n_batches = len(data[0]) // batch
+    for epoch in range(1, epochs + 1):
+        order = rng.permutation(len(data[0]))
+        minibatches = [
+            tuple(a[order[b * batch : (b + 1) * batch]] for a in data) for b in range(n_batches)
+        ]
+        for i, (label, runner) in enumerate(runners):
+            history = histories[i]
+            if history[-1][0] != epoch - 1:  # stopped on a NaN or Inf
+                continue
+            _progress(f"epoch {epoch}/{epochs}, run {i + 1}/{len(runners)}: {label}")
+            state, seconds = states[i], history[-1][1]
+            for minibatch in minibatches:
+                start = time.perf_counter()
+                state, loss = runner.step(state, minibatch)
+                jax.block_until_ready((state, loss))
+                seconds += time.perf_counter() - start
+            states[i] = state
+            history.append((epoch, seconds, *runner.evaluate(state)))
+            if not math.isfinite(history[-1][2]):
+                states[i] = None  # free its memory
+    _progress("")
+    return histories
+
+
+def _progress(text: str) -> None:
+    print(f"\r{text[:100]:<100}", end="" if text else "\r", file=sys.stderr, flush=True)
+
+
+# --- Figures of merit -----------------------------------------------------------------------------
+def final_loss(history) -> float:
+    """The training loss after the last epoch; inf if it is NaN or Inf."""
+    value = history[-1][2]
+    return value if math.isfinite(value) else math.inf
+
+
+def time_to_reach(history, target: float) -> float | None:
+    """Seconds at the end of the first epoch whose training loss is <= ``target``."""
+    for row in history[1:]:
+        if row[2] <= target:
+            return row[1]
+    return None
+
+
+def median_ms_per_step(histories, steps_per_epoch: int) -> float:
+    """Median over every epoch of the given runs of the training milliseconds per step (the
+    work of a step does not depend on the learning rate or the damping, so runs of one method
+    pool their epochs)."""
+    per_epoch = [
+        1e3 * (h[e][1] - h[e - 1][1]) / steps_per_epoch
+        for h in histories
+        for e in range(1, len(h))
+        if math.isfinite(h[e][2])
+    ]
+    return float(np.median(per_epoch)) if per_epoch else math.nan
+
+
+def best_by_method(runs: Sequence[dict]) -> dict:
+    """The run of each method (``run["method"]``) with the lowest final training loss."""
+    best = {}
+    for r in runs:
+        m = r["method"]
+        if m not in best or final_loss(r["history"]) < final_loss(best[m]["history"]):
+            best[m] = r
+    return best
+
+
+def config_string(r: dict) -> str:
+    s = f"lr={r['lr']:.3g}"
+    return s if r["damping"] is None else s + f", damping={r['damping']:g}"
+
+
+def fmt_list(values) -> str:
+    return "{" + ", ".join(f"{v:.3g}" for v in values) + "}"
