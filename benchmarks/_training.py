@@ -16,6 +16,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+
+import ekfac_optax as ek
 
 
 class Runner(NamedTuple):
@@ -28,6 +31,57 @@ class Runner(NamedTuple):
     init: Callable[[], Any]
     step: Callable[[Any, tuple], tuple[Any, Any]]
     evaluate: Callable[[Any], tuple[float, ...]]
+
+
+def kronecker_step(model, objective: Callable, make_tx: Callable) -> Callable:
+    """A jitted step of one of ours: ``step(params, opt_state, batch, *hyper)``.
+
+    ``objective(logits, batch)`` is the mean loss of ``model``'s output on ``batch[0]``;
+    ``make_tx(*hyper)`` builds the transformation inside the trace, so that the learning rate,
+    damping and basis period are traced arguments and one compilation serves a whole grid.
+    Returns ``(params, opt_state, loss)``.
+    """
+    grad_fn = ek.value_grad_and_stats(
+        lambda params, batch: objective(model.apply({"params": params}, batch[0]), batch)
+    )
+
+    @jax.jit
+    def step(params, opt_state, batch, *hyper):
+        loss, grads, stats = grad_fn(params, batch)
+        updates, opt_state = make_tx(*hyper).update(grads, opt_state, params, stats=stats)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def first_order_step(model, objective: Callable, make_tx: Callable, batch_norm: bool) -> Callable:
+    """A jitted step of an optax optimizer: ``step(variables, opt_state, batch, lr)``.
+
+    As :func:`kronecker_step`, with ``make_tx(lr)``; with ``batch_norm``, ``variables`` holds
+    ``batch_stats`` too, updated by the step (the model runs with ``train=True``). Returns
+    ``(variables, opt_state, loss)``.
+    """
+
+    def loss_fn(params, batch_stats, batch):
+        if not batch_norm:
+            return objective(model.apply({"params": params}, batch[0]), batch), None
+        variables = {"params": params, "batch_stats": batch_stats}
+        logits, new = model.apply(variables, batch[0], train=True, mutable=["batch_stats"])
+        return objective(logits, batch), new["batch_stats"]
+
+    @jax.jit
+    def step(variables, opt_state, batch, lr):
+        params = variables["params"]
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, variables.get("batch_stats"), batch
+        )
+        updates, opt_state = make_tx(lr).update(grads, opt_state, params)
+        new = {"params": optax.apply_updates(params, updates)}
+        if batch_norm:
+            new["batch_stats"] = batch_stats
+        return new, opt_state, loss
+
+    return step
 
 
 def pack(out) -> tuple[tuple[Any, Any], Any]:

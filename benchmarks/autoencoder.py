@@ -60,7 +60,9 @@ from benchmarks._training import (
     best_by_method,
     config_string,
     final_loss,
+    first_order_step,
     fmt_list,
+    kronecker_step,
     median_ms_per_step,
     pack,
     time_to_reach,
@@ -142,6 +144,11 @@ def bce(logits, x):
     return optax.sigmoid_binary_cross_entropy(logits, x).sum(-1).mean()
 
 
+def objective(logits, batch):
+    """The training objective on a minibatch ``(x,)``: reconstruct ``x``."""
+    return bce(logits, batch[0])
+
+
 def architecture(args, pixels: int) -> tuple[tuple[int, ...], int]:
     return ((128, 64, 32), 8) if args.small else ((1000, 500, 250), 30)
 
@@ -190,54 +197,19 @@ class Compiled:
         return tuple(float(loss_fn(variables, x)) for x in (problem.train_x, problem.val_x))
 
     def kronecker(self, method: str):
-        key = method
-        if key not in self.cache:
-            model = self.problem.model
-            grad_fn = ek.value_grad_and_stats(
-                lambda params, x: bce(model.apply({"params": params}, x), x)
+        if method not in self.cache:
+            self.cache[method] = kronecker_step(
+                self.problem.model, objective, lambda *h: kronecker_tx(method, *h)
             )
-
-            @jax.jit
-            def step(params, opt_state, x, lr, damping, every):
-                tx = kronecker_tx(method, lr, damping, every)
-                loss, grads, stats = grad_fn(params, x)
-                updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
-                return optax.apply_updates(params, updates), opt_state, loss
-
-            self.cache[key] = step
-        return self.cache[key]
+        return self.cache[method]
 
     def first_order(self, method: str):
         if method not in self.cache:
-            model, bn_model = self.problem.model, self.problem.bn_model
-
-            def bn_loss(params, batch_stats, x):
-                logits, new = bn_model.apply(
-                    {"params": params, "batch_stats": batch_stats},
-                    x,
-                    train=True,
-                    mutable=["batch_stats"],
-                )
-                return bce(logits, x), new["batch_stats"]
-
-            @jax.jit
-            def step(variables, opt_state, x, lr):
-                tx = first_order_tx(method, lr)
-                if method == "Adam+BN":
-                    (loss, batch_stats), grads = jax.value_and_grad(bn_loss, has_aux=True)(
-                        variables["params"], variables["batch_stats"], x
-                    )
-                else:
-                    loss, grads = jax.value_and_grad(
-                        lambda p: bce(model.apply({"params": p}, x), x)
-                    )(variables["params"])
-                updates, opt_state = tx.update(grads, opt_state, variables["params"])
-                new = {"params": optax.apply_updates(variables["params"], updates)}
-                if method == "Adam+BN":
-                    new["batch_stats"] = batch_stats
-                return new, opt_state, loss
-
-            self.cache[method] = step
+            bn = method == "Adam+BN"
+            model = self.problem.bn_model if bn else self.problem.model
+            self.cache[method] = first_order_step(
+                model, objective, lambda lr: first_order_tx(method, lr), batch_norm=bn
+            )
         return self.cache[method]
 
 
@@ -251,7 +223,7 @@ def make_runner(compiled: Compiled, method: str, lr: float, damping, every: int,
         lr_, damping_, every_ = jnp.float32(lr), jnp.float32(damping), jnp.int32(every)
         return Runner(
             init=lambda: (problem.params, tx.init(problem.params)),
-            step=lambda s, b: pack(step(s[0], s[1], b[0], lr_, damping_, every_)),
+            step=lambda s, b: pack(step(s[0], s[1], b, lr_, damping_, every_)),
             evaluate=lambda s: compiled.evaluate(compiled.loss, s[0]),
         )
     step = compiled.first_order(method)
@@ -260,12 +232,12 @@ def make_runner(compiled: Compiled, method: str, lr: float, damping, every: int,
     if method == "Adam+BN":
         return Runner(
             init=lambda: (problem.bn_variables, tx.init(problem.bn_variables["params"])),
-            step=lambda s, b: pack(step(s[0], s[1], b[0], lr_)),
+            step=lambda s, b: pack(step(s[0], s[1], b, lr_)),
             evaluate=lambda s: compiled.evaluate(compiled.bn_loss, s[0]),
         )
     return Runner(
         init=lambda: ({"params": problem.params}, tx.init(problem.params)),
-        step=lambda s, b: pack(step(s[0], s[1], b[0], lr_)),
+        step=lambda s, b: pack(step(s[0], s[1], b, lr_)),
         evaluate=lambda s: compiled.evaluate(compiled.loss, s[0]["params"]),
     )
 

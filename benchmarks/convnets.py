@@ -57,7 +57,8 @@ grid, hence the shift.)
 Time is the wall-clock of the training steps only, after compilation (each method's step is
 compiled and run twice on a throw-away copy of the state before the clock starts), including the
 periodic eigendecompositions; the losses and accuracies evaluated at the end of each epoch are not
-counted.
+counted. All runs of an architecture train in one process, alternating epoch by epoch
+(``benchmarks/_training.py``), so that every method sees the same machine load.
 
 Usage::
 
@@ -95,7 +96,9 @@ from benchmarks._training import (
     best_by_method,
     config_string,
     final_loss,
+    first_order_step,
     fmt_list,
+    kronecker_step,
     median_ms_per_step,
     pack,
     time_to_reach,
@@ -336,8 +339,9 @@ def init_variables(model, bn_model, x0, seed: int) -> tuple[Any, Any]:
     return jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, bn_variables)
 
 
-def cross_entropy(logits, y):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+def objective(logits, batch):
+    """The training objective on a minibatch ``(x, y)``: mean softmax cross-entropy."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
 
 
 # --- Steps ----------------------------------------------------------------------------------------
@@ -398,52 +402,20 @@ class Compiled:
 
     def kronecker(self, method: str):
         if method not in self.cache:
-            model, args = self.problem.model, self.args
-            grad_fn = ek.value_grad_and_stats(
-                lambda params, x, y: cross_entropy(model.apply({"params": params}, x), y)
+            self.cache[method] = kronecker_step(
+                self.problem.model, objective, lambda *h: kronecker_tx(method, *h, self.args)
             )
-
-            @jax.jit
-            def step(params, opt_state, x, y, lr, damping, every):
-                tx = kronecker_tx(method, lr, damping, every, args)
-                loss, grads, stats = grad_fn(params, x, y)
-                updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
-                return optax.apply_updates(params, updates), opt_state, loss
-
-            self.cache[method] = step
         return self.cache[method]
 
     def first_order(self, method: str):
         if method not in self.cache:
-            model, bn_model = self.problem.model, self.problem.bn_model
-
-            def bn_loss(params, batch_stats, x, y):
-                logits, new = bn_model.apply(
-                    {"params": params, "batch_stats": batch_stats},
-                    x,
-                    train=True,
-                    mutable=["batch_stats"],
-                )
-                return cross_entropy(logits, y), new["batch_stats"]
-
-            @jax.jit
-            def step(variables, opt_state, x, y, lr):
-                tx = optax.sgd(lr, momentum=SGD_MOMENTUM)
-                if method == "SGD+BN":
-                    (loss, batch_stats), grads = jax.value_and_grad(bn_loss, has_aux=True)(
-                        variables["params"], variables["batch_stats"], x, y
-                    )
-                else:
-                    loss, grads = jax.value_and_grad(
-                        lambda p: cross_entropy(model.apply({"params": p}, x), y)
-                    )(variables["params"])
-                updates, opt_state = tx.update(grads, opt_state, variables["params"])
-                new = {"params": optax.apply_updates(variables["params"], updates)}
-                if method == "SGD+BN":
-                    new["batch_stats"] = batch_stats
-                return new, opt_state, loss
-
-            self.cache[method] = step
+            bn = method == "SGD+BN"
+            self.cache[method] = first_order_step(
+                self.problem.bn_model if bn else self.problem.model,
+                objective,
+                lambda lr: optax.sgd(lr, momentum=SGD_MOMENTUM),
+                batch_norm=bn,
+            )
         return self.cache[method]
 
 
@@ -454,7 +426,7 @@ def make_runner(compiled: Compiled, method: str, lr: float, damping, every: int)
         lr_, damping_, every_ = jnp.float32(lr), jnp.float32(damping), jnp.int32(every)
         return Runner(
             init=lambda: (problem.params, compiled.initial_opt_state(method)),
-            step=lambda s, b: pack(step(s[0], s[1], *b, lr_, damping_, every_)),
+            step=lambda s, b: pack(step(s[0], s[1], b, lr_, damping_, every_)),
             evaluate=lambda s: compiled.evaluate(compiled.plain_sums, s[0]),
         )
     step = compiled.first_order(method)
@@ -464,7 +436,7 @@ def make_runner(compiled: Compiled, method: str, lr: float, damping, every: int)
     sums = compiled.bn_sums if method == "SGD+BN" else compiled.plain_sums
     return Runner(
         init=lambda: (variables, tx.init(variables["params"])),
-        step=lambda s, b: pack(step(s[0], s[1], *b, lr_)),
+        step=lambda s, b: pack(step(s[0], s[1], b, lr_)),
         evaluate=lambda s: compiled.evaluate(sums, s[0] if method == "SGD+BN" else s[0]["params"]),
     )
 
