@@ -8,13 +8,14 @@ together with the params, so their gradients are the output gradients of the
 layer, at no change to the user's model or loss.
 """
 
-import math
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.linen.linear import canonicalize_padding
 
 from ekfac_optax import _layers
 
@@ -72,26 +73,53 @@ class _Interceptor:
 def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
     """SUA input patches of a conv, ``(batch..., positions..., prod(k) * c_in)``.
 
-    The patches are the output of the same convolution (same padding, strides,
-    dilations, via ``module.clone``) with a depthwise identity kernel: group
-    ``c`` (input channel ``c``) outputs its ``prod(k)`` window values. They are
-    reordered position-major, channel-minor, so feature ``f`` is row ``f`` of
-    ``kernel.reshape(-1, c_out)``.
+    The input is padded (and dilated) as ``nn.Conv`` does — CIRCULAR, REFLECT
+    and CAUSAL pad it as Flax does before a VALID convolution; string paddings
+    resolve as in ``lax.conv_general_dilated`` (``lax.padtype_to_pads`` on the
+    undilated input) — and each kernel offset's window is one strided slice of
+    it: memory copies only, several times faster than the equivalent
+    depthwise identity convolution on CPU. Features are offset-major,
+    channel-minor, so feature ``f`` is row ``f`` of ``kernel.reshape(-1, c_out)``.
     """
     kernel_size = module.kernel_size
     kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
-    window, channels = math.prod(kernel_size), x.shape[-1]
-    eye = jnp.eye(window, dtype=x.dtype).reshape(*kernel_size, 1, window)
-    patcher = module.clone(
-        parent=None,
-        features=window * channels,
-        feature_group_count=channels,
-        use_bias=False,
-        precision=jax.lax.Precision.HIGHEST,
+    rank = len(kernel_size)
+
+    def per_axis(value):
+        value = 1 if value is None else value
+        return (value,) * rank if isinstance(value, int) else tuple(value)
+
+    strides, input_dilation, kernel_dilation = map(
+        per_axis, (module.strides, module.input_dilation, module.kernel_dilation)
     )
-    out = patcher.apply({"params": {"kernel": jnp.tile(eye, channels)}}, x)
-    out = out.reshape(*out.shape[:-1], channels, window)
-    return jnp.swapaxes(out, -1, -2).reshape(*out.shape[:-2], window * channels)
+    extent = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation, strict=True)]
+    n_batch = x.ndim - rank - 1
+    padding = canonicalize_padding(module.padding, rank)
+    if padding in ("CIRCULAR", "REFLECT", "CAUSAL"):
+        pads = [((e - 1) // 2, e // 2) for e in extent]
+        pads = [(extent[0] - 1, 0)] if padding == "CAUSAL" else pads
+        mode = {"CIRCULAR": "wrap", "REFLECT": "reflect", "CAUSAL": "constant"}[padding]
+        x = jnp.pad(x, [(0, 0)] * n_batch + pads + [(0, 0)], mode=mode)
+        padding = "VALID"
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(x.shape[n_batch:-1], extent, strides, padding)
+    edges = [(lo, hi, d - 1) for (lo, hi), d in zip(padding, input_dilation, strict=True)]
+    unpadded = [(0, 0, 0)] * n_batch
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), unpadded + edges + [(0, 0, 0)])
+    out = [(n - e) // s + 1 for n, e, s in zip(x.shape[n_batch:-1], extent, strides, strict=True)]
+    windows = []
+    for offset in itertools.product(*map(range, kernel_size)):
+        start = [o * d for o, d in zip(offset, kernel_dilation, strict=True)]
+        limit = [b + (n - 1) * s + 1 for b, n, s in zip(start, out, strides, strict=True)]
+        windows.append(
+            jax.lax.slice(
+                x,
+                (0,) * n_batch + (*start, 0),
+                (*x.shape[:n_batch], *limit, x.shape[-1]),
+                (1,) * n_batch + (*strides, 1),
+            )
+        )
+    return jnp.concatenate(windows, axis=-1)
 
 
 def _layer_stats(path: str, calls: list[_Call], deltas: list[jax.Array], n: int) -> LayerStats:
