@@ -532,6 +532,7 @@ def write_outputs(
     k_min,
     target_s,
     log,
+    wall_s,
 ):
     os.makedirs(out_dir, exist_ok=True)
     problems_ = list(results)
@@ -756,7 +757,7 @@ def write_outputs(
     )
     lines.append("- " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     lines.append(f"- Python {platform.python_version()}")
-    lines.append(f"- Command: `{command}`")
+    lines.append(f"- Command: `{command}`; wall time {wall_s:.0f} s (compilation included)")
     if kfac_jax_reason:
         lines.append(f"- kfac-jax unavailable: {kfac_jax_reason}")
     else:
@@ -808,7 +809,7 @@ def main(argv: list[str] | None = None) -> dict[str, str | None]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one tiny MLP, few repetitions")
     parser.add_argument("--out", default="benchmarks/results", help="output folder")
-    parser.add_argument("--reps", type=int, default=None, help="repetitions (default 5, quick 2)")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 2)")
     args = parser.parse_args(argv)
     reps = args.reps or (2 if args.quick else 3)
     k_min, target_s = (2, 0.01) if args.quick else (10, 0.5)
@@ -819,6 +820,7 @@ def main(argv: list[str] | None = None) -> dict[str, str | None]:
     def log(msg):
         print(msg, flush=True)
 
+    start = time.perf_counter()
     kfac_jax, reason = kfac_jax_status()
     if kfac_jax is None:
         log(f"kfac-jax unavailable: {reason}")
@@ -852,6 +854,7 @@ def main(argv: list[str] | None = None) -> dict[str, str | None]:
         k_min,
         target_s,
         log,
+        time.perf_counter() - start,
     )
     return {"csv": csv_path, "md": md_path, "png": png_path, "kfac_jax": reason or "available"}
 
