@@ -24,7 +24,8 @@ def machine_info() -> str:
     """One line: CPU, cores, architecture, Python, jax and its backend."""
     return (
         f"{cpu_model()}, {os.cpu_count()} cores visible ({platform.machine()}), Python "
-        f"{platform.python_version()}, jax {jax.__version__} ({jax.default_backend()})"
+        f"{platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}), "
+        f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}"
     )
 
 
