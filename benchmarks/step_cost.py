@@ -754,6 +754,7 @@ def write_outputs(
     lines.append(
         f"- CPU: {cpu_model()}, {os.cpu_count()} cores visible; backend {jax.default_backend()}; "
         f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
+        f"; OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}"
     )
     lines.append("- " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     lines.append(f"- Python {platform.python_version()}")
