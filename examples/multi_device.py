@@ -125,7 +125,7 @@ def main():
     x_all = (digits.data / 16.0).astype(np.float32)
     y_all = digits.target.astype(np.int32)
     params = jax.device_put(MLP().init(jax.random.key(0), x_all[:1])["params"], replicated)
-    tx = ek.ekfac(0.3, damping=1e-3, basis_update_every=10, scaling="running", mesh=mesh)
+    tx = ek.ekfac(0.1, damping=1e-2, basis_update_every=10, scaling="running", mesh=mesh)
     opt_state = jax.device_put(tx.init(params), replicated)
     grad_fn = ek.value_grad_and_stats(loss_fn)
 
