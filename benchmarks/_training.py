@@ -131,9 +131,9 @@ def train_alternated(
             tuple(a[order[b * batch : (b + 1) * batch]] for a in data) for b in range(n_batches)
         ]
         for i, (label, runner) in enumerate(runners):
-            history = histories[i]
-            if history[-1][0] != epoch - 1:  # stopped on a NaN or Inf
+            if states[i] is None:  # stopped on a NaN or Inf
                 continue
+            history = histories[i]
             _progress(f"epoch {epoch}/{epochs}, run {i + 1}/{len(runners)}: {label}")
             state, seconds = states[i], history[-1][1]
             for minibatch in minibatches:
