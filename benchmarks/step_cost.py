@@ -21,7 +21,6 @@ import dataclasses
 import importlib.metadata
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 import optax
 
 import ekfac_optax as ek
-from benchmarks._common import cpu_model, import_kfac_jax, kfac_jax_optimizer
+from benchmarks._common import import_kfac_jax, kfac_jax_optimizer, machine_info
 
 DAMPING = 1e-3
 LEARNING_RATE = 1e-4  # small, so that thousands of timed steps stay finite
@@ -752,12 +751,10 @@ def write_outputs(
     )
     lines += ["", "## Machine and command", ""]
     lines.append(
-        f"- CPU: {cpu_model()}, {os.cpu_count()} cores visible; backend {jax.default_backend()}; "
-        f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
-        f"; OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}"
+        f"- Machine: {machine_info()}; load average (1, 5, 15 min) at the end: "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     lines.append("- " + ", ".join(f"{k} {v}" for k, v in versions().items()))
-    lines.append(f"- Python {platform.python_version()}")
     lines.append(f"- Command: `{command}`; wall time {wall_s:.0f} s (compilation included)")
     if kfac_jax_reason:
         lines.append(f"- kfac-jax unavailable: {kfac_jax_reason}")
