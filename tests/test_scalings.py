@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 
 from ekfac_optax import _scalings
 
@@ -27,11 +28,11 @@ SHAPES = [(6, 5, 4, 3), (6, 10, 7, 2), (6, 2, 9, 8), (6, 1, 5, 4)]
 def per_example_second_moments(h: jax.Array, delta: jax.Array) -> np.ndarray:
     """``mean_n G_n²`` with ``G_n`` the gradient of ``Σ_t h_{n,t}ᵀ W δ_{n,t}`` in ``W``."""
 
-    def bilinear(weights, h1, delta1):
-        return jnp.sum((h1 @ weights) * delta1)
+    def bilinear(weights, h, delta):  # the batch mean, as ref.per_example_grads expects
+        return jnp.mean(jnp.sum((h @ weights) * delta, axis=(1, 2)))
 
     weights = jnp.zeros((h.shape[-1], delta.shape[-1]), h.dtype)
-    grads = jax.vmap(jax.grad(bilinear), in_axes=(None, 0, 0))(weights, h, delta)
+    grads = ref.per_example_grads(bilinear, weights, h, delta)
     return np.mean(np.asarray(grads) ** 2, axis=0)
 
 
