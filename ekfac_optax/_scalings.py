@@ -60,9 +60,10 @@ def _per_example_loop(h_kfe: jax.Array, delta_kfe: jax.Array, chunks: int) -> ja
 
     XLA's CPU backend runs a matrix product with a batch axis far below its
     rate and holds all ``N a b`` per-example values; one example at a time,
-    with a single ``(a, b)`` sum, is 2-20x faster for ``a b >= 18k`` (the
-    CNN layers of ``benchmarks/step_cost.py``: 577x64, 289x64, ``T`` = 16-256,
-    ``N`` = 128, 2-core EPYC) and within 30% either way on smaller layers. The
+    with a single ``(a, b)`` sum, was 2-20x faster for ``a b >= 18k`` in a
+    probe (289x64 to 1153x128, ``T`` = 16-256, ``N`` = 128, 2-core EPYC; the
+    CNN of ``benchmarks/step_cost.py`` has such layers) and within 30% either
+    way on smaller ones. The
     chunks are ``vmap``-ed (``chunks`` divides ``N``; ``batch_scalings`` uses
     ``gcd(N, device_count)``), so that a batch sharded over the devices is
     looped over on each device, without gathering it.
