@@ -63,10 +63,9 @@ def _per_example_loop(h_kfe: jax.Array, delta_kfe: jax.Array, chunks: int) -> ja
     with a single ``(a, b)`` sum, was 2-20x faster for ``a b >= 18k`` in a
     probe (289x64 to 1153x128, ``T`` = 16-256, ``N`` = 128, 2-core EPYC; the
     CNN of ``benchmarks/step_cost.py`` has such layers) and within 30% either
-    way on smaller ones. The
-    chunks are ``vmap``-ed (``chunks`` divides ``N``; ``batch_scalings`` uses
-    ``gcd(N, device_count)``), so that a batch sharded over the devices is
-    looped over on each device, without gathering it.
+    way on smaller ones. The chunks are ``vmap``-ed (``chunks`` divides ``N``;
+    ``batch_scalings`` uses ``gcd(N, device_count)``), so that a batch sharded
+    over the devices is looped over on each device, without gathering it.
     """
     n = h_kfe.shape[0]
 
