@@ -33,6 +33,17 @@ class Runner(NamedTuple):
     evaluate: Callable[[Any], tuple[float, ...]]
 
 
+def kronecker_loss(model, objective: Callable) -> Callable:
+    """``loss_fn(params, batch)``: ``objective`` of ``model``'s output on ``batch[0]``."""
+    return lambda params, batch: objective(model.apply({"params": params}, batch[0]), batch)
+
+
+def find_blocks(model, objective: Callable, params: Any, batch: tuple) -> dict:
+    """``ek.find_blocks`` of :func:`kronecker_step`'s loss, on a minibatch of the training shapes
+    (an abstract run: no FLOPs); pass it as ``blocks=`` to the transformations of ``make_tx``."""
+    return ek.find_blocks(kronecker_loss(model, objective), params, batch)
+
+
 def kronecker_step(model, objective: Callable, make_tx: Callable) -> Callable:
     """A jitted step of one of ours: ``step(params, opt_state, batch, *hyper)``.
 
@@ -41,9 +52,7 @@ def kronecker_step(model, objective: Callable, make_tx: Callable) -> Callable:
     damping and basis period are traced arguments and one compilation serves a whole grid.
     Returns ``(params, opt_state, loss)``.
     """
-    grad_fn = ek.value_grad_and_stats(
-        lambda params, batch: objective(model.apply({"params": params}, batch[0]), batch)
-    )
+    grad_fn = ek.value_grad_and_stats(kronecker_loss(model, objective))
 
     @jax.jit
     def step(params, opt_state, batch, *hyper):

@@ -237,8 +237,11 @@ def run(args):
     x_eval, y_eval = x_all[eval_idx], y_all[eval_idx]
     params = jax.tree.map(jnp.asarray, init_params(rng))
 
+    # The Kronecker blocks, from an abstract run (no FLOPs) of loss_fn on a training minibatch.
+    blocks = ek.find_blocks(loss_fn, params, x_all[: args.batch], y_all[: args.batch])
     tx = ek.ekfac(
         args.lr,
+        blocks=blocks,
         damping=args.damping,
         basis_update_every=args.recompute_every,
         factor_decay=0.95,

@@ -60,6 +60,7 @@ from benchmarks._training import (
     best_by_method,
     config_string,
     final_loss,
+    find_blocks,
     first_order_step,
     fmt_list,
     kronecker_step,
@@ -166,15 +167,15 @@ class Problem(NamedTuple):
     bn_variables: Any  # BatchNorm model: same Dense params, BN scale 1, bias 0, fresh stats
     train_x: np.ndarray
     val_x: np.ndarray
+    blocks: dict  # ek.find_blocks of the plain model's loss on a minibatch
 
 
-def kronecker_tx(method: str, lr, damping, every: int) -> optax.GradientTransformation:
+def kronecker_tx(method: str, blocks, lr, damping, every: int) -> optax.GradientTransformation:
+    common = dict(blocks=blocks, damping=damping, basis_update_every=every)
     if method == "KFAC":
-        return ek.kfac(lr, damping=damping, basis_update_every=every, factor_decay=FACTOR_DECAY)
+        return ek.kfac(lr, factor_decay=FACTOR_DECAY, **common)
     scaling = "running" if method == "EKFAC-ra" else "batch"
-    return ek.ekfac(
-        lr, damping=damping, basis_update_every=every, factor_decay=FACTOR_DECAY, scaling=scaling
-    )
+    return ek.ekfac(lr, factor_decay=FACTOR_DECAY, scaling=scaling, **common)
 
 
 def first_order_tx(method: str, lr) -> optax.GradientTransformation:
@@ -199,7 +200,9 @@ class Compiled:
     def kronecker(self, method: str):
         if method not in self.cache:
             self.cache[method] = kronecker_step(
-                self.problem.model, objective, lambda *h: kronecker_tx(method, *h)
+                self.problem.model,
+                objective,
+                lambda *h: kronecker_tx(method, self.problem.blocks, *h),
             )
         return self.cache[method]
 
@@ -219,7 +222,8 @@ def make_runner(compiled: Compiled, method: str, lr: float, damping, every: int,
         return kfac_jax_runner(kfac_jax, compiled, lr, damping, every)
     if method in KRONECKER:
         step = compiled.kronecker(method)
-        tx = kronecker_tx(method, 1.0, 1.0, every)  # the state does not depend on lr, damping, n
+        # The state does not depend on lr, damping, n.
+        tx = kronecker_tx(method, problem.blocks, 1.0, 1.0, every)
         lr_, damping_, every_ = jnp.float32(lr), jnp.float32(damping), jnp.int32(every)
         return Runner(
             init=lambda: (problem.params, tx.init(problem.params)),
@@ -305,7 +309,8 @@ def run(args, kfac_jax, kfac_jax_reason) -> tuple[list[dict], dict]:
     bn_params = dict(bn_variables["params"])
     bn_params.update({k: v for k, v in params.items()})  # the same Dense weights as the others
     bn_variables = {"params": bn_params, "batch_stats": bn_variables["batch_stats"]}
-    problem = Problem(model, bn_model, params, bn_variables, train_x, val_x)
+    blocks = find_blocks(model, objective, params, (train_x[: args.batch],))
+    problem = Problem(model, bn_model, params, bn_variables, train_x, val_x, blocks)
     compiled = Compiled(problem)
 
     methods = [m for m in METHODS if m != "kfac-jax" or kfac_jax is not None]

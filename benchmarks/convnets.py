@@ -96,6 +96,7 @@ from benchmarks._training import (
     best_by_method,
     config_string,
     final_loss,
+    find_blocks,
     first_order_step,
     fmt_list,
     kronecker_step,
@@ -351,10 +352,13 @@ class Problem(NamedTuple):
     params: Any
     bn_variables: Any
     data: Data
+    blocks: dict  # ek.find_blocks of the plain model's loss on a minibatch
 
 
-def kronecker_tx(method: str, lr, damping, every, args) -> optax.GradientTransformation:
-    common = dict(damping=damping, basis_update_every=every, factor_decay=FACTOR_DECAY)
+def kronecker_tx(method: str, blocks, lr, damping, every, args) -> optax.GradientTransformation:
+    common = dict(
+        blocks=blocks, damping=damping, basis_update_every=every, factor_decay=FACTOR_DECAY
+    )
     if method == "KFAC":
         return ek.kfac(lr, damping_mode="factored", **common)
     return ek.ekfac(lr, scaling="running", damping_mode=args.ekfac_damping_mode, **common)
@@ -396,14 +400,16 @@ class Compiled:
         """The method's optimizer state at the start (the same for any lr, damping, period)."""
         key = ("init", method)
         if key not in self.cache:
-            tx = kronecker_tx(method, 1.0, 1.0, 1, self.args)
+            tx = kronecker_tx(method, self.problem.blocks, 1.0, 1.0, 1, self.args)
             self.cache[key] = jax.jit(tx.init)(self.problem.params)
         return self.cache[key]
 
     def kronecker(self, method: str):
         if method not in self.cache:
             self.cache[method] = kronecker_step(
-                self.problem.model, objective, lambda *h: kronecker_tx(method, *h, self.args)
+                self.problem.model,
+                objective,
+                lambda *h: kronecker_tx(method, self.problem.blocks, *h, self.args),
             )
         return self.cache[method]
 
@@ -468,7 +474,9 @@ def run(args, data: Data) -> tuple[list[dict], dict]:
         params, bn_variables = init_variables(model, bn_model, x0, args.seed)
         n_params = sum(p.size for p in jax.tree.leaves(params))
         archs[arch] = dict(desc=desc, n_params=int(n_params))
-        compiled = Compiled(Problem(model, bn_model, params, bn_variables, data), args)
+        minibatch = (data.train_x[: args.batch], data.train_y[: args.batch])
+        blocks = find_blocks(model, objective, params, minibatch)
+        compiled = Compiled(Problem(model, bn_model, params, bn_variables, data, blocks), args)
         configs = [(m, lr, d) for m in METHODS for lr, d in grid[m]]
         labelled = [
             (

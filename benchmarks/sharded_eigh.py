@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     grad_fn = ek.value_grad_and_stats(loss_fn)
     _, _, stats = jax.jit(grad_fn)(params, x, y)
-    blocks = ek.find_blocks(params)
+    blocks = ek.find_blocks(loss_fn, params, x, y)
     factors = [
         f
         for path, spec in blocks.items()
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
         steps = {}
         for spread in (True, False):
-            tx = ek.ekfac(1e-3, basis_update_every=1, scaling="running",
+            tx = ek.ekfac(1e-3, blocks=blocks, basis_update_every=1, scaling="running",
                           mesh=mesh if spread else None)  # fmt: skip
 
             @jax.jit

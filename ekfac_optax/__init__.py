@@ -5,15 +5,26 @@ Gradient Descent in a Kronecker-factored Eigenbasis. NeurIPS 2018.
 """
 
 from ekfac_optax._alias import ekfac, kfac
-from ekfac_optax._capture import LayerStats, value_grad_and_stats
+from ekfac_optax._capture import LayerStats, find_blocks, value_grad_and_stats
 from ekfac_optax._checkpoint import restore_state, save_state
-from ekfac_optax._layers import find_blocks, summarize
-from ekfac_optax._transform import BlockState, ScaleByEkfacState, scale_by_ekfac, scale_by_kfac
+from ekfac_optax._kinds import BlockSpec, block_labels, summarize
+from ekfac_optax._transform import (
+    BlockState,
+    DiagonalState,
+    EmbedState,
+    ScaleByEkfacState,
+    scale_by_ekfac,
+    scale_by_kfac,
+)
 
 __all__ = [
+    "BlockSpec",
     "BlockState",
+    "DiagonalState",
+    "EmbedState",
     "LayerStats",
     "ScaleByEkfacState",
+    "block_labels",
     "ekfac",
     "find_blocks",
     "kfac",

@@ -1,47 +1,51 @@
 """Aliases: each preconditioner chained with ``optax.scale_by_learning_rate``."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Literal
 
 import jax
 import optax
 from jax.sharding import Mesh
 
-from ekfac_optax import _scalings
-from ekfac_optax._transform import ScalarOrSchedule, scale_by_ekfac, scale_by_kfac
+from ekfac_optax import _factors, _kinds, _scalings
+from ekfac_optax._transform import Fallback, ScalarOrSchedule, scale_by_ekfac, scale_by_kfac
 
 
 def ekfac(
     learning_rate: optax.ScalarOrSchedule,
     *,
+    blocks: Mapping[str, _kinds.BlockSpec],
     damping: ScalarOrSchedule = 1e-3,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
     scaling: Literal["batch", "running"] = "batch",
     scaling_decay: jax.typing.ArrayLike = 0.95,
     damping_mode: _scalings.DampingMode = "tikhonov",
-    layers: Sequence[str] | None = None,
+    weight_sharing: _factors.WeightSharing = "expand",
+    fallback: Fallback = "diagonal",
     mesh: Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """EKFAC: :func:`scale_by_ekfac` then ``optax.scale_by_learning_rate``.
 
     Args:
       learning_rate: a float or an optax schedule.
-      damping, basis_update_every, factor_decay, scaling, scaling_decay,
-      damping_mode, layers, mesh: see :func:`scale_by_ekfac`.
+      blocks, damping, basis_update_every, factor_decay, scaling, scaling_decay,
+      damping_mode, weight_sharing, fallback, mesh: see :func:`scale_by_ekfac`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` to ``update``.
     """
     return optax.chain(
         scale_by_ekfac(
+            blocks=blocks,
             damping=damping,
             basis_update_every=basis_update_every,
             factor_decay=factor_decay,
             scaling=scaling,
             scaling_decay=scaling_decay,
             damping_mode=damping_mode,
-            layers=layers,
+            weight_sharing=weight_sharing,
+            fallback=fallback,
             mesh=mesh,
         ),
         optax.scale_by_learning_rate(learning_rate),
@@ -51,30 +55,34 @@ def ekfac(
 def kfac(
     learning_rate: optax.ScalarOrSchedule,
     *,
+    blocks: Mapping[str, _kinds.BlockSpec],
     damping: ScalarOrSchedule = 1e-3,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
     damping_mode: _scalings.DampingMode = "tikhonov",
-    layers: Sequence[str] | None = None,
+    weight_sharing: _factors.WeightSharing = "expand",
+    fallback: Fallback = "diagonal",
     mesh: Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """KFAC: :func:`scale_by_kfac` then ``optax.scale_by_learning_rate``.
 
     Args:
       learning_rate: a float or an optax schedule.
-      damping, basis_update_every, factor_decay, damping_mode, layers, mesh:
-        see :func:`scale_by_kfac`.
+      blocks, damping, basis_update_every, factor_decay, damping_mode,
+      weight_sharing, fallback, mesh: see :func:`scale_by_kfac`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` to ``update``.
     """
     return optax.chain(
         scale_by_kfac(
+            blocks=blocks,
             damping=damping,
             basis_update_every=basis_update_every,
             factor_decay=factor_decay,
             damping_mode=damping_mode,
-            layers=layers,
+            weight_sharing=weight_sharing,
+            fallback=fallback,
             mesh=mesh,
         ),
         optax.scale_by_learning_rate(learning_rate),

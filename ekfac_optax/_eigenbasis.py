@@ -43,15 +43,18 @@ def eigh_all(
 ) -> list[tuple[jax.Array, jax.Array]]:
     """:func:`safe_eigh` of every factor, spread over the devices of ``mesh``.
 
-    Without a mesh (or with one device), one call per factor. With a ``mesh`` of more than one
-    device, same-shaped factors are stacked and the stack is split along the stack axis over all
-    the mesh's devices (``shard_map``; padded with identities to a multiple of the device count),
-    so every factor is decomposed on one device only; the results are then replicated (an
-    all-gather of the eigenvalues and eigenvectors).
+    A factor of shape ``(G, d, d)`` is a stack of ``G`` factors (one batched
+    ``eigh``). Without a mesh (or with one device), one call per factor or stack.
+    With a ``mesh`` of more than one device, same-shaped factors (the members of
+    stacks included) are stacked and the stack is split along the stack axis over
+    all the mesh's devices (``shard_map``; padded with identities to a multiple of
+    the device count), so every factor is decomposed on one device only; the
+    results are then replicated (an all-gather of the eigenvalues and eigenvectors).
 
     Args:
-      factors: ``(d, d)`` symmetric PSD matrices.
-      fallbacks: per factor, the ``(eigvals, basis)`` to keep if its decomposition fails.
+      factors: ``(d, d)`` or ``(G, d, d)`` symmetric PSD matrices.
+      fallbacks: per factor, the ``(eigvals, basis)`` to keep if its decomposition fails
+        (with the factor's leading axis).
       mesh: the devices to spread the decompositions over; ``None`` decomposes every factor on
         every device that runs the computation.
 
@@ -59,9 +62,31 @@ def eigh_all(
       Per factor, ``(eigvals, basis)`` as :func:`safe_eigh` returns them.
     """
     if mesh is None or mesh.size == 1:
-        # One call per factor: a batched eigh inside the basis-update lax.cond was seen to hang
-        # on CPU (the demo's auto-encoder; not yet understood), so batching is kept to meshes.
-        return [safe_eigh(f, *fallback)[:2] for f, fallback in zip(factors, fallbacks, strict=True)]
+        return [
+            (jax.vmap(safe_eigh) if f.ndim == 3 else safe_eigh)(f, *fallback)[:2]
+            for f, fallback in zip(factors, fallbacks, strict=True)
+        ]
+    members, owners = [], []
+    for i, (factor, (vals, basis)) in enumerate(zip(factors, fallbacks, strict=True)):
+        if factor.ndim == 3:
+            members += [(factor[g], (vals[g], basis[g])) for g in range(factor.shape[0])]
+            owners += [i] * factor.shape[0]
+        else:
+            members.append((factor, (vals, basis)))
+            owners.append(i)
+    decomposed = _eigh_spread([m[0] for m in members], [m[1] for m in members], mesh)
+    out = []
+    for i, factor in enumerate(factors):
+        mine = [d for d, owner in zip(decomposed, owners, strict=True) if owner == i]
+        if factor.ndim == 3:
+            out.append((jnp.stack([v for v, _ in mine]), jnp.stack([b for _, b in mine])))
+        else:
+            out.append(mine[0])
+    return out
+
+
+def _eigh_spread(factors, fallbacks, mesh: Mesh) -> list[tuple[jax.Array, jax.Array]]:
+    """:func:`eigh_all` of ``(d, d)`` factors over a mesh of more than one device."""
     groups: dict[tuple, list[int]] = {}
     for i, factor in enumerate(factors):
         groups.setdefault((factor.shape, factor.dtype), []).append(i)

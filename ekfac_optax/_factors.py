@@ -1,7 +1,25 @@
 """Kronecker factors ``A = E[h_aug h_augᵀ]``, ``B = E[delta deltaᵀ]`` and their averages."""
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
+
+WeightSharing = Literal["expand", "reduce"]
+
+
+def shared(h: jax.Array, delta: jax.Array, weight_sharing: WeightSharing):
+    """The ``(N, T, ·)`` statistics whose means over ``(n, t)`` are the factors.
+
+    ``"expand"`` (K-FAC-expand): ``h`` and ``delta`` as they are, every position a
+    sample. ``"reduce"`` (K-FAC-reduce, Eschenhagen et al. 2023): one sample per
+    example, ``mean_t h`` and ``Σ_t delta`` (``T = 1``), so that
+    ``A = mean_n h̄_n h̄_nᵀ`` and ``B = mean_n δ̄_n δ̄_nᵀ``; the bias coordinate's
+    mean is still 1.
+    """
+    if weight_sharing == "expand":
+        return h, delta
+    return jnp.mean(h, axis=-2, keepdims=True), jnp.sum(delta, axis=-2, keepdims=True)
 
 
 def factor_a(h: jax.Array, has_bias: bool) -> jax.Array:
@@ -24,6 +42,13 @@ def factor_b(delta: jax.Array) -> jax.Array:
     n, t, d = delta.shape
     flat = delta.reshape(n * t, d)
     return flat.T @ flat / (n * t)
+
+
+def token_frequencies(ids: jax.Array, vocab: int, dtype) -> jax.Array:
+    """The diagonal of ``A = mean_{n,t} onehot(x_{n,t}) onehot(x_{n,t})ᵀ``: each token's count
+    over ``N T``, as a ``(vocab,)`` vector (ids outside ``[0, vocab)`` count for nothing)."""
+    counts = jax.ops.segment_sum(jnp.ones(ids.size, dtype), ids.ravel(), num_segments=vocab)
+    return counts / ids.size
 
 
 def debiased_ema(average: jax.Array, new: jax.Array, decay, count: jax.Array) -> jax.Array:

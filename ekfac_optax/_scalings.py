@@ -4,6 +4,8 @@
   from the per-example gradients ``G_n = Σ_t h_aug_{n,t} delta_{n,t}ᵀ``.
 - ``running_scalings`` (EKFAC-ra): a moving average of ``N (U_Aᵀ g U_B)²``.
 - ``kfac_scalings`` (KFAC): ``T · S_A ⊗ S_B``, the eigenvalues of ``T · A ⊗ B``.
+- ``embedding_batch_scalings``: ``batch_scalings`` of an embedding (one-hot inputs, ``U_A = I``).
+- ``scale_and_shift_grads``: exact per-example gradients of a normalisation's scale and shift.
 - ``damped``: the denominator ``s + damping`` (Tikhonov) or the factored
   damping of Appendix C; ``divide`` applies it.
 """
@@ -88,6 +90,38 @@ def _per_example_loop(h_kfe: jax.Array, delta_kfe: jax.Array, chunks: int) -> ja
     return jnp.sum(jax.vmap(chunk_sum)(split(h_kfe), split(delta_kfe)), axis=0) / n
 
 
+def embedding_batch_scalings(ids: jax.Array, delta_kfe: jax.Array, vocab: int) -> jax.Array:
+    """``s*[v, o] = mean_n (Σ_{t: x_{n,t} = v} delta_kfe[n, t, o])²`` for an embedding.
+
+    With one-hot inputs and ``U_A = I`` the per-example gradient's row ``v`` sums
+    the output gradients of the positions holding token ``v``. The sums are taken
+    over the distinct ``(example, token)`` pairs (at most ``N T``), so memory is
+    ``O((N T + vocab) · d)``, never ``N · vocab · d``.
+
+    Args:
+      ids: ``(N, T)`` integer token ids.
+      delta_kfe: ``(N, T, b)`` output gradients in the eigenbasis, ``delta @ U_B``.
+      vocab: the vocabulary size.
+
+    Returns:
+      ``(vocab, b)`` second moments of the per-example gradients in the KFE.
+    """
+    n, t = ids.shape
+    pairs = (jnp.arange(n, dtype=jnp.int32)[:, None] * vocab + ids.astype(jnp.int32)).ravel()
+    unique, slot = jnp.unique(pairs, size=n * t, fill_value=-1, return_inverse=True)
+    sums = jax.ops.segment_sum(delta_kfe.reshape(n * t, -1), slot.ravel(), num_segments=n * t)
+    token = jnp.where(unique >= 0, unique % vocab, vocab)  # fill slots land out of range
+    return jax.ops.segment_sum(sums * sums, token, num_segments=vocab) / n
+
+
+def scale_and_shift_grads(h: jax.Array, delta: jax.Array, names: tuple[str, ...]) -> jax.Array:
+    """Per-example gradients ``(N, P)`` of ``[scale; bias]`` for ``y = x̂ · scale + bias``:
+    ``Σ_t x̂_{n,t} ⊙ delta_{n,t}`` for ``"scale"`` and ``Σ_t delta_{n,t}`` for ``"bias"``,
+    from ``(N, T, F)`` normalised inputs ``h = x̂`` and output gradients ``delta``."""
+    parts = {"scale": jnp.einsum("ntf,ntf->nf", h, delta), "bias": jnp.sum(delta, axis=1)}
+    return jnp.concatenate([parts[name] for name in names], axis=1)
+
+
 def running_scalings(scalings: jax.Array, grad_kfe: jax.Array, batch_size: int, decay) -> jax.Array:
     """EKFAC-ra: ``decay · s + (1 - decay) · N · (U_Aᵀ g U_B)²``.
 
@@ -142,7 +176,7 @@ def divide(grad_kfe: jax.Array, denominator: jax.Array, damping) -> jax.Array:
     get no step. With ``damping > 0`` every direction is divided exactly.
     """
     eps = jnp.finfo(denominator.dtype).eps
-    cutoff = jnp.max(denominator) * max(denominator.shape) * eps
+    cutoff = jnp.max(denominator) * max(denominator.shape, default=1) * eps
     tol = jnp.where(jnp.asarray(damping, denominator.dtype) == 0, cutoff, 0)
     keep = denominator > tol
     return jnp.where(keep, grad_kfe / jnp.where(keep, denominator, 1), 0)

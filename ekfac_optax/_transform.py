@@ -19,7 +19,7 @@ References:
 
 import functools
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -27,14 +27,17 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from ekfac_optax import _eigenbasis, _factors, _layers, _scalings, _validation
+from ekfac_optax import _eigenbasis, _factors, _kinds, _scalings, _validation
 
 Scaling = Literal["batch", "running", "kfac"]
+Fallback = Literal["diagonal", "identity"]
 ScalarOrSchedule = jax.typing.ArrayLike | optax.Schedule
 
 
 class BlockState(NamedTuple):
     """Curvature of one Kronecker block; ``a = d_in (+1 with bias)``, ``b = d_out``.
+
+    A stacked block (``spec.stack == (G,)``) has a leading axis ``G`` on every field.
 
     Attributes:
       factor_a: ``(a, a)`` moving average of ``A = E[h_aug h_augᵀ]``.
@@ -55,18 +58,53 @@ class BlockState(NamedTuple):
     scalings: jax.Array
 
 
+class EmbedState(NamedTuple):
+    """Curvature of an embedding ``(v, b)``: a Kronecker block whose ``A`` is diagonal, so that
+    ``U_A = I`` and only ``B`` is decomposed.
+
+    Attributes:
+      factor_a: ``(v,)`` moving average of the token frequencies, the diagonal of ``A``.
+      factor_b: ``(b, b)`` moving average of ``B = E[delta deltaᵀ]``.
+      eigvals_a: ``(v,)`` ``factor_a`` at the last basis update.
+      eigvals_b: ``(b,)`` eigenvalues ``S_B`` of ``factor_b``.
+      basis_b: ``(b, b)`` eigenvectors ``U_B`` (columns).
+      scalings: ``(v, b)`` the scalings ``s`` of the last update, in the KFE.
+    """
+
+    factor_a: jax.Array
+    factor_b: jax.Array
+    eigvals_a: jax.Array
+    eigvals_b: jax.Array
+    basis_b: jax.Array
+    scalings: jax.Array
+
+
+class DiagonalState(NamedTuple):
+    """Curvature of a diagonal block (a normalisation's ``[scale; bias]``, ``P`` scalars).
+
+    Attributes:
+      scalings: ``(P,)`` the diagonal ``s`` of the last update.
+    """
+
+    scalings: jax.Array
+
+
 class ScaleByEkfacState(NamedTuple):
     """State of :func:`scale_by_ekfac` and :func:`scale_by_kfac`.
 
     Attributes:
       count: ``()`` int32, number of updates applied so far (skipped ones excluded).
       skipped: ``()`` int32, number of updates skipped for non-finite numbers.
-      blocks: one :class:`BlockState` per Kronecker block, keyed by module path.
+      blocks: one :class:`BlockState`, :class:`EmbedState` or :class:`DiagonalState`
+        per block, keyed by module path.
+      fallback: with ``fallback="diagonal"``, the diagonal ``s`` of each parameter in no
+        block (its shape), keyed by its ``/``-joined parameter path; else empty.
     """
 
     count: jax.Array
     skipped: jax.Array
-    blocks: dict[str, BlockState]
+    blocks: dict[str, BlockState | EmbedState | DiagonalState]
+    fallback: dict[str, jax.Array]
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -75,173 +113,324 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
 
 
-def _init_block(spec: _layers.BlockSpec) -> BlockState:
+def _init_block(spec: _kinds.BlockSpec) -> BlockState | EmbedState | DiagonalState:
     a, b, dtype = spec.d_in_aug, spec.d_out, spec.dtype
+    if spec.block == "diagonal":
+        return DiagonalState(scalings=jnp.zeros((b,), dtype))
+    eye_b = jnp.eye(b, dtype=dtype)
+    if spec.block == "embed":
+        return EmbedState(
+            factor_a=jnp.zeros((a,), dtype),
+            factor_b=jnp.zeros((b, b), dtype),
+            eigvals_a=jnp.zeros((a,), dtype),
+            eigvals_b=jnp.zeros((b,), dtype),
+            basis_b=eye_b,
+            scalings=jnp.zeros((a, b), dtype),
+        )
+    stack = spec.stack
     return BlockState(
-        factor_a=jnp.zeros((a, a), dtype),
-        factor_b=jnp.zeros((b, b), dtype),
-        eigvals_a=jnp.zeros((a,), dtype),
-        basis_a=jnp.eye(a, dtype=dtype),
-        eigvals_b=jnp.zeros((b,), dtype),
-        basis_b=jnp.eye(b, dtype=dtype),
-        scalings=jnp.zeros((a, b), dtype),
+        factor_a=jnp.zeros((*stack, a, a), dtype),
+        factor_b=jnp.zeros((*stack, b, b), dtype),
+        eigvals_a=jnp.zeros((*stack, a), dtype),
+        basis_a=jnp.broadcast_to(jnp.eye(a, dtype=dtype), (*stack, a, a)),
+        eigvals_b=jnp.zeros((*stack, b), dtype),
+        basis_b=jnp.broadcast_to(eye_b, (*stack, b, b)),
+        scalings=jnp.zeros((*stack, a, b), dtype),
     )
 
 
+def _stacked(fn, spec: _kinds.BlockSpec):
+    """``fn`` of one Kronecker block, mapped over the leading axis of a stacked block."""
+    return jax.vmap(fn) if spec.stack else fn
+
+
+class _Config(NamedTuple):
+    """The static configuration the stages share."""
+
+    scaling: Scaling
+    scaling_decay: Any
+    factor_decay: Any
+    damping_mode: _scalings.DampingMode
+    weight_sharing: _factors.WeightSharing
+
+
+def _new_factors(spec, block, h, delta, count, config: _Config):
+    """Stage 1: the moving averages of the factors, with this batch's ``h`` and ``delta``."""
+    if spec.block == "diagonal":
+        return block
+    if spec.block == "embed":
+        new_a = _factors.token_frequencies(h, spec.d_in, spec.dtype)
+        new_b = _factors.factor_b(delta)
+    else:
+
+        def one(h, delta):
+            h, delta = _factors.shared(h, delta, config.weight_sharing)
+            return _factors.factor_a(h, spec.has_bias), _factors.factor_b(delta)
+
+        new_a, new_b = _stacked(one, spec)(h, delta)
+    return block._replace(
+        factor_a=_factors.debiased_ema(block.factor_a, new_a, config.factor_decay, count),
+        factor_b=_factors.debiased_ema(block.factor_b, new_b, config.factor_decay, count),
+    )
+
+
+def _positions(spec, h, config: _Config) -> int:
+    """``T`` of KFAC's ``T · S_A ⊗ S_B``: 1 for K-FAC-reduce (an embedding always expands)."""
+    if config.weight_sharing == "reduce" and spec.block == "kronecker":
+        return 1
+    return h.shape[-1] if spec.block == "embed" else h.shape[-2]
+
+
+def _new_bases(specs, blocks, h, mesh, config: _Config):
+    """Stage 2: the eigenbases of the factors; the scalings restart from KFAC's eigenvalues."""
+    kron = [p for p, s in specs.items() if s.block == "kronecker"]
+    embed = [p for p, s in specs.items() if s.block == "embed"]
+    factors = [f for p in kron for f in (blocks[p].factor_a, blocks[p].factor_b)]
+    factors += [blocks[p].factor_b for p in embed]
+    fallbacks = [
+        pair
+        for p in kron
+        for pair in (
+            (blocks[p].eigvals_a, blocks[p].basis_a),
+            (blocks[p].eigvals_b, blocks[p].basis_b),
+        )
+    ]
+    fallbacks += [(blocks[p].eigvals_b, blocks[p].basis_b) for p in embed]
+    decomposed = iter(_eigenbasis.eigh_all(factors, fallbacks, mesh))
+    out = dict(blocks)
+    for path in kron:
+        (eigvals_a, basis_a), (eigvals_b, basis_b) = next(decomposed), next(decomposed)
+        positions = _positions(specs[path], h[path], config)
+        kfac = _stacked(
+            functools.partial(_scalings.kfac_scalings, positions=positions), specs[path]
+        )
+        out[path] = blocks[path]._replace(
+            eigvals_a=eigvals_a,
+            basis_a=basis_a,
+            eigvals_b=eigvals_b,
+            basis_b=basis_b,
+            scalings=kfac(eigvals_a, eigvals_b),
+        )
+    for path in embed:
+        eigvals_b, basis_b = next(decomposed)
+        eigvals_a = blocks[path].factor_a
+        positions = _positions(specs[path], h[path], config)
+        out[path] = blocks[path]._replace(
+            eigvals_a=eigvals_a,
+            eigvals_b=eigvals_b,
+            basis_b=basis_b,
+            scalings=_scalings.kfac_scalings(eigvals_a, eigvals_b, positions),
+        )
+    return out
+
+
+def _kfe_scalings(block, grad_kfe, batch, n, positions, config: _Config):
+    """The scalings of the configured rule; ``batch()`` computes this batch's ``s*``."""
+    if config.scaling == "batch":
+        return batch()
+    if config.scaling == "running":
+        return _scalings.running_scalings(block.scalings, grad_kfe, n, config.scaling_decay)
+    return _scalings.kfac_scalings(block.eigvals_a, block.eigvals_b, positions)
+
+
+def _divide(grad_kfe, scalings, block, damping, positions, config: _Config):
+    denominator = _scalings.damped(
+        scalings, damping, block.eigvals_a, block.eigvals_b, positions, config.damping_mode
+    )
+    return _scalings.divide(grad_kfe, denominator, damping)
+
+
+def _precondition(spec, block, grad, h, delta, n, count, damping, config: _Config):
+    """Stage 3: one block's update in the parameter basis, and its new state."""
+    if spec.block == "diagonal":
+        if config.scaling == "running":
+            scalings = _factors.debiased_ema(
+                block.scalings, n * grad**2, config.scaling_decay, count
+            )
+        else:
+            per_example = _scalings.scale_and_shift_grads(h, delta, spec.names)
+            scalings = jnp.mean(per_example**2, axis=0)
+            if config.scaling == "kfac":
+                scalings = _factors.debiased_ema(
+                    block.scalings, scalings, config.factor_decay, count
+                )
+        update = _scalings.divide(grad, scalings + jnp.asarray(damping, grad.dtype), damping)
+        return update, block._replace(scalings=scalings)
+    positions = _positions(spec, h, config)
+    if spec.block == "embed":
+        grad_kfe = grad @ block.basis_b
+
+        def batch():
+            return _scalings.embedding_batch_scalings(h, delta @ block.basis_b, spec.d_in)
+
+        scalings = _kfe_scalings(block, grad_kfe, batch, n, positions, config)
+        divided = _divide(grad_kfe, scalings, block, damping, positions, config)
+        return divided @ block.basis_b.T, block._replace(scalings=scalings)
+
+    def one(block, grad, h, delta):
+        grad_kfe = _eigenbasis.to_eigenbasis(grad, block.basis_a, block.basis_b)
+
+        def batch():
+            h_kfe = _eigenbasis.inputs_to_eigenbasis(h, block.basis_a, spec.has_bias)
+            return _scalings.batch_scalings(h_kfe, delta @ block.basis_b)
+
+        scalings = _kfe_scalings(block, grad_kfe, batch, n, positions, config)
+        divided = _divide(grad_kfe, scalings, block, damping, positions, config)
+        return _eigenbasis.from_eigenbasis(divided, block.basis_a, block.basis_b), scalings
+
+    update, scalings = _stacked(one, spec)(block, grad, h, delta)
+    return update, block._replace(scalings=scalings)
+
+
+def _fallback(leaves, state, n, count, damping, decay):
+    """Stage 4: the diagonal fallback ``g / (s + damping)``, ``s`` the debiased average of
+    ``N g²``; ``(updates, new state)`` keyed by parameter path."""
+    updates, new_state = {}, {}
+    for path, grad in leaves.items():
+        g = grad.astype(state[path].dtype)
+        scalings = _factors.debiased_ema(state[path], n * g**2, decay, count)
+        new_state[path] = scalings
+        divided = _scalings.divide(g, scalings + jnp.asarray(damping, g.dtype), damping)
+        updates[path] = divided.astype(grad.dtype)
+    return updates, new_state
+
+
+def _replace_leaves(tree: Any, new: Mapping[str, jax.Array]) -> Any:
+    """``tree`` with the leaves at the parameter paths of ``new`` replaced."""
+
+    def pick(key_path, leaf):
+        return new.get(_kinds.path_key(key_path), leaf)
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
 def _scale_by_kfe(
+    blocks: Mapping[str, _kinds.BlockSpec],
     damping: ScalarOrSchedule,
     basis_update_every: jax.typing.ArrayLike,
-    factor_decay: jax.typing.ArrayLike,
-    scaling: Scaling,
-    scaling_decay: jax.typing.ArrayLike,
-    damping_mode: _scalings.DampingMode,
-    layers: Sequence[str] | None,
+    config: _Config,
+    fallback: Fallback,
     mesh: Mesh | None,
 ) -> optax.GradientTransformationExtraArgs:
     """The shared machinery of :func:`scale_by_ekfac` and :func:`scale_by_kfac`."""
+    blocks = _validation.check_blocks(blocks)
     if mesh is not None and not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
-    _validation.check_hyperparameters(damping, basis_update_every, factor_decay, scaling_decay)
-    if scaling not in ("batch", "running", "kfac"):
-        raise ValueError(f"scaling must be 'batch' or 'running', got {scaling!r}")
-    if damping_mode not in ("tikhonov", "factored"):
-        raise ValueError(f"damping_mode must be 'tikhonov' or 'factored', got {damping_mode!r}")
-    layers = _layers.layer_paths(layers)
+    _validation.check_hyperparameters(
+        damping, basis_update_every, config.factor_decay, config.scaling_decay
+    )
+    _validation.check_choice("damping_mode", config.damping_mode, ("tikhonov", "factored"))
+    _validation.check_choice("weight_sharing", config.weight_sharing, ("expand", "reduce"))
+    _validation.check_choice("fallback", fallback, ("diagonal", "identity"))
+    fallback_decay = config.factor_decay if config.scaling == "kfac" else config.scaling_decay
 
     def init_fn(params):
-        blocks = _layers.find_blocks(params, layers)
+        _kinds.check_params(params, blocks, "init")
+        leaves = _kinds.fallback_leaves(params, blocks) if fallback == "diagonal" else {}
         return ScaleByEkfacState(
             count=jnp.zeros([], jnp.int32),
             skipped=jnp.zeros([], jnp.int32),
             blocks={path: _init_block(spec) for path, spec in blocks.items()},
+            fallback={
+                path: jnp.zeros(jnp.shape(leaf), _kinds.curvature_dtype(jnp.result_type(leaf)))
+                for path, leaf in leaves.items()
+            },
         )
 
     def update_fn(updates, state, params=None, *, stats=None, **extra_args):
         del params, extra_args
-        specs = _validation.block_specs(updates, state.blocks, layers)
+        specs = _validation.check_update(updates, state, blocks)
         _validation.check_stats(stats, specs)
         count = state.count
         damping_now = damping(count) if callable(damping) else damping
+        n = next((stats[p].delta.shape[-3] for p in specs), 1)
 
-        # Statistics of this batch, in the curvature dtype.
-        h = {path: stats[path].h.astype(spec.dtype) for path, spec in specs.items()}
-        delta = {path: stats[path].delta.astype(spec.dtype) for path, spec in specs.items()}
+        # This batch's statistics and gradients, in the curvature dtype.
+        h = {
+            p: stats[p].h if s.block == "embed" else stats[p].h.astype(s.dtype)
+            for p, s in specs.items()
+        }
+        delta = {p: stats[p].delta.astype(s.dtype) for p, s in specs.items()}
+        grads = {p: _kinds.to_matrix(_kinds.subtree(updates, p), s) for p, s in specs.items()}
 
         def with_factors(blocks):
             return {
-                path: block._replace(
-                    factor_a=_factors.debiased_ema(
-                        block.factor_a,
-                        _factors.factor_a(h[path], specs[path].has_bias),
-                        factor_decay,
-                        count,
-                    ),
-                    factor_b=_factors.debiased_ema(
-                        block.factor_b, _factors.factor_b(delta[path]), factor_decay, count
-                    ),
-                )
-                for path, block in blocks.items()
+                p: _new_factors(s, blocks[p], h[p], delta[p], count, config)
+                for p, s in specs.items()
             }
 
         # With one-batch factors (factor_decay=0) only the basis updates need them.
-        one_batch = isinstance(factor_decay, numbers.Real) and factor_decay == 0
-        blocks = dict(state.blocks) if one_batch else with_factors(state.blocks)
+        decay = config.factor_decay
+        one_batch = isinstance(decay, numbers.Real) and decay == 0
+        new_blocks = dict(state.blocks) if one_batch else with_factors(state.blocks)
 
         # Amortized: the eigenbasis on updates 0, n, 2n, ...
         def new_basis(blocks):
             blocks = with_factors(blocks) if one_batch else blocks
-            paths = list(blocks)
-            decomposed = _eigenbasis.eigh_all(
-                [f for p in paths for f in (blocks[p].factor_a, blocks[p].factor_b)],
-                [
-                    pair
-                    for p in paths
-                    for pair in (
-                        (blocks[p].eigvals_a, blocks[p].basis_a),
-                        (blocks[p].eigvals_b, blocks[p].basis_b),
-                    )
-                ],
-                mesh,
-            )
-            out = {}
-            for i, path in enumerate(paths):
-                (eigvals_a, basis_a), (eigvals_b, basis_b) = decomposed[2 * i : 2 * i + 2]
-                # EKFAC-ra restarts its average from KFAC's eigenvalues.
-                positions = h[path].shape[1]
-                out[path] = blocks[path]._replace(
-                    eigvals_a=eigvals_a,
-                    basis_a=basis_a,
-                    eigvals_b=eigvals_b,
-                    basis_b=basis_b,
-                    scalings=_scalings.kfac_scalings(eigvals_a, eigvals_b, positions),
-                )
-            return out
+            return _new_bases(specs, blocks, h, mesh, config)
 
         if isinstance(basis_update_every, numbers.Integral) and basis_update_every == 1:
-            blocks = new_basis(blocks)
+            new_blocks = new_basis(new_blocks)
         else:
-            blocks = jax.lax.cond(count % basis_update_every == 0, new_basis, lambda b: b, blocks)
+            every = basis_update_every
+            new_blocks = jax.lax.cond(count % every == 0, new_basis, lambda b: b, new_blocks)
 
-        new_updates = {}
+        new_layers = {}
         for path, spec in specs.items():
-            block = blocks[path]
-            n, positions = h[path].shape[:2]
-            grad_kfe = _eigenbasis.to_eigenbasis(
-                _layers.to_matrix(_layers.subtree(updates, path), spec),
-                block.basis_a,
-                block.basis_b,
+            update, new_blocks[path] = _precondition(
+                spec,
+                new_blocks[path],
+                grads[path],
+                h[path],
+                delta[path],
+                n,
+                count,
+                damping_now,
+                config,
             )
-            if scaling == "batch":
-                scalings = _scalings.batch_scalings(
-                    _eigenbasis.inputs_to_eigenbasis(h[path], block.basis_a, spec.has_bias),
-                    delta[path] @ block.basis_b,
-                )
-            elif scaling == "running":
-                scalings = _scalings.running_scalings(block.scalings, grad_kfe, n, scaling_decay)
-            else:
-                scalings = _scalings.kfac_scalings(block.eigvals_a, block.eigvals_b, positions)
-            denominator = _scalings.damped(
-                scalings, damping_now, block.eigvals_a, block.eigvals_b, positions, damping_mode
+            new_layers[path] = _kinds.from_matrix(update, _kinds.subtree(updates, path), spec)
+        new_updates = _kinds.replace_blocks(updates, new_layers)
+        new_fallback = {}
+        if fallback == "diagonal":
+            leaves = _kinds.fallback_leaves(updates, blocks)
+            fallback_updates, new_fallback = _fallback(
+                leaves, state.fallback, n, count, damping_now, fallback_decay
             )
-            preconditioned = _eigenbasis.from_eigenbasis(
-                _scalings.divide(grad_kfe, denominator, damping_now), block.basis_a, block.basis_b
-            )
-            new_updates[path] = _layers.from_matrix(
-                preconditioned, _layers.subtree(updates, path), spec
-            )
-            blocks[path] = block._replace(scalings=scalings)
+            new_updates = _replace_leaves(new_updates, fallback_updates)
 
         # A step with a non-finite input or result changes nothing but `skipped`.
-        finite = _all_finite((updates, h, delta, new_updates, blocks))
+        finite = _all_finite((updates, h, delta, new_updates, new_blocks, new_fallback))
         applied = ScaleByEkfacState(
-            count=optax.safe_increment(count), skipped=state.skipped, blocks=blocks
+            count=optax.safe_increment(count),
+            skipped=state.skipped,
+            blocks=new_blocks,
+            fallback=new_fallback,
         )
         rejected = state._replace(skipped=optax.safe_increment(state.skipped))
         new_state = jax.tree.map(functools.partial(jnp.where, finite), applied, rejected)
-        updates = jax.tree.map(
-            lambda u: jnp.where(finite, u, jnp.zeros_like(u)),
-            _layers.replace_blocks(updates, new_updates),
-        )
-        return updates, new_state
+        new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+        return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def scale_by_ekfac(
     *,
+    blocks: Mapping[str, _kinds.BlockSpec],
     damping: ScalarOrSchedule = 1e-3,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
     scaling: Literal["batch", "running"] = "batch",
     scaling_decay: jax.typing.ArrayLike = 0.95,
     damping_mode: _scalings.DampingMode = "tikhonov",
-    layers: Sequence[str] | None = None,
+    weight_sharing: _factors.WeightSharing = "expand",
+    fallback: Fallback = "diagonal",
     mesh: Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions with EKFAC: a diagonal scaling in the Kronecker-factored eigenbasis.
 
-    For each Kronecker block (an ``nn.Dense``/``nn.Conv`` kernel with its
-    bias, ``g`` the ``(d_in + 1, d_out)`` matrix of the incoming update):
+    For each Kronecker block (see :func:`ekfac_optax.find_blocks`; ``g`` the
+    ``(d_in + 1, d_out)`` matrix ``[W; b]`` of the incoming update):
 
     .. math::
       U_A \left[ (U_A^\top g U_B) \oslash (s + \epsilon) \right] U_B^\top
@@ -262,8 +451,16 @@ def scale_by_ekfac(
       ``"batch"``, so ``damping`` means the same in both. At each basis change
       ``s`` restarts from KFAC's ``T S_A ⊗ S_B``.
 
-    Parameters that are not in a block (LayerNorm, Embed, ...) pass through
-    unchanged; :func:`ekfac_optax.summarize` lists what is preconditioned.
+    A stacked block (grouped convolution, ``DenseGeneral`` batch dims) is
+    ``G`` such blocks. An embedding is a block with one-hot inputs, so ``A``
+    is the diagonal of token frequencies and ``U_A = I``. The scale and shift
+    of a normalisation layer is a diagonal block, ``g / (s + ε)`` with ``s =
+    mean_n G_n²`` from its exact per-example gradients (``"batch"``) or the
+    debiased average of ``N g²`` (``"running"``). Every other parameter gets
+    the ``fallback``: ``"diagonal"`` divides by ``s + ε`` with ``s`` the debiased
+    average (decay ``scaling_decay``) of ``N g²`` (EKFAC-ra with the identity
+    basis), ``"identity"`` passes it unchanged. :func:`ekfac_optax.summarize`
+    lists what each parameter gets.
 
     Non-finite numbers never enter the state: an update whose incoming
     gradient, ``stats`` or result holds a NaN or Inf returns zeros and leaves
@@ -272,17 +469,26 @@ def scale_by_ekfac(
     ``eigh`` keeps that factor's previous eigenbasis.
 
     Args:
+      blocks: the model's blocks, ``ek.find_blocks(loss_fn, params, *batch)``, or
+        a subset of them (then pass ``layers=blocks`` to ``value_grad_and_stats``).
       damping: ``ε >= 0`` added to the scalings, a float or an optax schedule of
         the update count. ``ε = 0`` gives the pseudo-inverse: directions whose
         scaling is 0 up to round-off (relative ``max(a, b) · eps``) get no step.
       basis_update_every: recompute the eigenbasis every this many updates.
       factor_decay: decay of the moving averages of ``A`` and ``B``, in ``[0, 1)``.
       scaling: ``"batch"`` (EKFAC) or ``"running"`` (EKFAC-ra).
-      scaling_decay: decay of the running average for ``scaling="running"``.
+      scaling_decay: decay of the running averages (``scaling="running"``, the
+        fallback), in ``[0, 1)``.
       damping_mode: ``"tikhonov"`` (``s + ε``) or ``"factored"``
-        (``s + ε + √ε (T S_A ⊕ S_B)``, the paper's Appendix C).
-      layers: module paths of the blocks; ``None`` takes every ``kernel`` of
-        the params with at least two axes (with its sibling ``bias``).
+        (``s + ε + √ε (T S_A ⊕ S_B)``, the paper's Appendix C; diagonal blocks
+        and the fallback always use ``s + ε``).
+      weight_sharing: how the factors of a layer with several positions per
+        example (conv, sequence axes, repeated calls) are estimated:
+        ``"expand"`` (every position a sample; KFAC's block ``T A ⊗ B``) or
+        ``"reduce"`` (K-FAC-reduce: ``A`` from the per-example mean of ``h_aug``
+        over positions, ``B`` from the per-example sum of ``delta``; KFAC's block
+        ``A ⊗ B``). Embeddings always expand.
+      fallback: ``"diagonal"`` or ``"identity"``, for the parameters in no block.
       mesh: a ``jax.sharding.Mesh`` over whose devices the eigendecompositions
         are spread: each factor is decomposed on one device and the results are
         all-gathered. ``None``: every device decomposes every factor. Data
@@ -297,13 +503,18 @@ def scale_by_ekfac(
     Examples:
       >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
       >>> import ekfac_optax as ek
-      >>> model = nn.Dense(3)
+      >>> model = nn.Sequential([nn.Dense(8), nn.LayerNorm(), nn.Dense(3)])
       >>> x, y = jnp.ones((8, 4)), jnp.zeros((8,), jnp.int32)
       >>> params = model.init(jax.random.key(0), x)["params"]
       >>> def loss_fn(params, x, y):
       ...     logits = model.apply({"params": params}, x)
       ...     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      >>> tx = optax.chain(ek.scale_by_ekfac(damping=1e-3), optax.scale_by_learning_rate(0.1))
+      >>> blocks = ek.find_blocks(loss_fn, params, x, y)
+      >>> [(path, spec.block) for path, spec in blocks.items()]
+      [('layers_0', 'kronecker'), ('layers_1', 'diagonal'), ('layers_2', 'kronecker')]
+      >>> tx = optax.chain(
+      ...     ek.scale_by_ekfac(blocks=blocks, damping=1e-3), optax.scale_by_learning_rate(0.1)
+      ... )
       >>> state = tx.init(params)
       >>> loss, grads, stats = ek.value_grad_and_stats(loss_fn)(params, x, y)
       >>> updates, state = tx.update(grads, state, params, stats=stats)
@@ -311,46 +522,49 @@ def scale_by_ekfac(
     References:
       George et al., Fast Approximate Natural Gradient Descent in a
       Kronecker-factored Eigenbasis, NeurIPS 2018 (Algorithm 1, Appendix C).
+      Eschenhagen et al., Kronecker-Factored Approximate Curvature for Modern
+      Neural Network Architectures, NeurIPS 2023 (K-FAC-expand and -reduce).
     """
     if scaling not in ("batch", "running"):
         raise ValueError(f"scaling must be 'batch' or 'running', got {scaling!r}")
-    return _scale_by_kfe(
-        damping,
-        basis_update_every,
-        factor_decay,
-        scaling,
-        scaling_decay,
-        damping_mode,
-        layers,
-        mesh,
-    )
+    config = _Config(scaling, scaling_decay, factor_decay, damping_mode, weight_sharing)
+    return _scale_by_kfe(blocks, damping, basis_update_every, config, fallback, mesh)
 
 
 def scale_by_kfac(
     *,
+    blocks: Mapping[str, _kinds.BlockSpec],
     damping: ScalarOrSchedule = 1e-3,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
     damping_mode: _scalings.DampingMode = "tikhonov",
-    layers: Sequence[str] | None = None,
+    weight_sharing: _factors.WeightSharing = "expand",
+    fallback: Fallback = "diagonal",
     mesh: Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions with KFAC, computed in the same eigenbasis machinery.
 
-    Per block, ``(T A ⊗ B + ε I)⁻¹ g`` (``"tikhonov"``) or
+    Per Kronecker block, ``(T A ⊗ B + ε I)⁻¹ g`` (``"tikhonov"``) or
     ``((T A + √ε I) ⊗ (B + √ε I))⁻¹ g`` (``"factored"``), i.e. the scalings
     are KFAC's eigenvalues ``T S_A ⊗ S_B`` in the KFE, where ``T`` is the
     number of positions per example (1 for dense layers; the KFC scaling of
-    Grosse & Martens for conv layers and shared weights). ``A``, ``B`` and
-    their eigendecomposition follow :func:`scale_by_ekfac`; the inverse is
-    refreshed every ``basis_update_every`` updates.
+    Grosse & Martens for conv layers and shared weights; 1 with
+    ``weight_sharing="reduce"``). ``A``, ``B`` and their eigendecomposition
+    follow :func:`scale_by_ekfac`; the inverse is refreshed every
+    ``basis_update_every`` updates. A normalisation's scale and shift is a
+    diagonal block whose ``s`` is the debiased average (decay ``factor_decay``)
+    of ``mean_n G_n²``, as kfac-jax's scale-and-shift blocks; the diagonal
+    fallback averages ``N g²`` with ``factor_decay``.
 
     Args:
+      blocks: the model's blocks, ``ek.find_blocks(loss_fn, params, *batch)``.
       damping: ``ε``, a float or an optax schedule of the update count.
       basis_update_every: recompute the eigendecomposition every this many updates.
-      factor_decay: decay of the moving averages of ``A`` and ``B``, in ``[0, 1)``.
+      factor_decay: decay of the moving averages of ``A`` and ``B`` (and of the
+        diagonal blocks and fallback), in ``[0, 1)``.
       damping_mode: ``"tikhonov"`` or ``"factored"``.
-      layers: module paths of the blocks; ``None`` infers them from the params.
+      weight_sharing: ``"expand"`` or ``"reduce"``; see :func:`scale_by_ekfac`.
+      fallback: ``"diagonal"`` or ``"identity"``, for the parameters in no block.
       mesh: devices to spread the eigendecompositions over; see
         :func:`scale_by_ekfac`.
 
@@ -363,6 +577,5 @@ def scale_by_kfac(
       Approximate Curvature, ICML 2015; Grosse & Martens, A Kronecker-factored
       approximate Fisher matrix for convolution layers, ICML 2016.
     """
-    return _scale_by_kfe(
-        damping, basis_update_every, factor_decay, "kfac", 0.0, damping_mode, layers, mesh
-    )
+    config = _Config("kfac", 0.0, factor_decay, damping_mode, weight_sharing)
+    return _scale_by_kfe(blocks, damping, basis_update_every, config, fallback, mesh)

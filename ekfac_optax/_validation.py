@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ekfac_optax import _layers
+from ekfac_optax import _kinds
 from ekfac_optax._capture import LayerStats
 
 
@@ -45,43 +45,81 @@ def check_hyperparameters(damping, basis_update_every, factor_decay, scaling_dec
             raise ValueError(f"{name} must be in [0, 1), got {decay}")
 
 
-def block_specs(
-    updates: Any, state_blocks: Mapping[str, Any], layers: tuple[str, ...] | None
-) -> dict[str, _layers.BlockSpec]:
-    """The blocks of ``updates``, checked against the state's; curvature dtype of the state."""
-    for path in state_blocks:
-        node = _layers.subtree(updates, path)
-        if isinstance(node, Mapping) and _layers.KERNEL in node and _layers.BIAS in node:
-            d_out = jnp.shape(node[_layers.KERNEL])[-1]
-            if jnp.shape(node[_layers.BIAS]) != (d_out,):
-                raise ValueError(
-                    f"scale_by_ekfac: updates of layer {path!r}: bias has shape "
-                    f"{jnp.shape(node[_layers.BIAS])}, expected ({d_out},) to match kernel "
-                    f"{jnp.shape(node[_layers.KERNEL])}"
-                )
-    specs = _layers.find_blocks(updates, layers)
-    if set(specs) != set(state_blocks):
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raises ValueError, naming the argument, for a string outside ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_blocks(blocks: Any) -> dict[str, _kinds.BlockSpec]:
+    """The ``blocks`` argument as a dict, or a TypeError that says how to build it."""
+    if not isinstance(blocks, Mapping) or not all(
+        isinstance(spec, _kinds.BlockSpec) and spec.path == path for path, spec in blocks.items()
+    ):
+        raise TypeError(
+            "blocks must be the dict of BlockSpec returned by ek.find_blocks(loss_fn, params, "
+            f"*batch) (or a subset of it), got {type(blocks).__name__}"
+        )
+    return dict(sorted(blocks.items()))
+
+
+def _expected_state_shape(spec: _kinds.BlockSpec) -> tuple[int, ...]:
+    if spec.block == "diagonal":
+        return (spec.d_out,)
+    return (*spec.stack, spec.d_in_aug, spec.d_out)
+
+
+def check_update(
+    updates: Any, state: Any, blocks: Mapping[str, _kinds.BlockSpec]
+) -> dict[str, _kinds.BlockSpec]:
+    """The blocks, checked against ``updates`` and the state; curvature dtype of the state."""
+    _kinds.check_params(updates, blocks, "scale_by_ekfac.update: updates")
+    if set(state.blocks) != set(blocks):
         raise ValueError(
-            "scale_by_ekfac: the updates' layers do not match the optimizer state: "
-            f"only in updates {sorted(set(specs) - set(state_blocks))}, "
-            f"only in state {sorted(set(state_blocks) - set(specs))}"
+            "scale_by_ekfac: the optimizer state's layers do not match its blocks: "
+            f"only in blocks {sorted(set(blocks) - set(state.blocks))}, "
+            f"only in state {sorted(set(state.blocks) - set(blocks))}"
         )
     wrong = {
-        path: f"state {state_blocks[path].scalings.shape}, expected {(s.d_in_aug, s.d_out)}"
-        for path, s in specs.items()
-        if state_blocks[path].scalings.shape != (s.d_in_aug, s.d_out)
+        path: f"state {state.blocks[path].scalings.shape}, expected {_expected_state_shape(s)}"
+        for path, s in blocks.items()
+        if state.blocks[path].scalings.shape != _expected_state_shape(s)
     }
     if wrong:
         raise ValueError(
             f"scale_by_ekfac: the optimizer state does not match the layers' shapes: {wrong}"
         )
+    if state.fallback:
+        leaves = _kinds.fallback_leaves(updates, blocks)
+        differ = sorted(
+            set(leaves) ^ set(state.fallback)
+            | {
+                p
+                for p in set(leaves) & set(state.fallback)
+                if jnp.shape(leaves[p]) != state.fallback[p].shape
+            }
+        )
+        if differ:
+            raise ValueError(
+                "scale_by_ekfac: the updates' parameters outside the blocks do not match the "
+                f"optimizer state's fallback: {differ}"
+            )
     return {
-        path: dataclasses.replace(spec, dtype=state_blocks[path].scalings.dtype)
-        for path, spec in specs.items()
+        path: dataclasses.replace(spec, dtype=state.blocks[path].scalings.dtype)
+        for path, spec in blocks.items()
     }
 
 
-def check_stats(stats: Any, specs: Mapping[str, _layers.BlockSpec]) -> None:
+def _expected_stats(spec: _kinds.BlockSpec, n, t) -> tuple[tuple, tuple]:
+    """The shapes of ``h`` and ``delta`` for a batch of ``n`` examples and ``t`` positions."""
+    if spec.block == "embed":
+        return (n, t), (n, t, spec.d_out)
+    if spec.block == "diagonal":
+        return (n, t, spec.d_in), (n, t, spec.d_in)
+    return (*spec.stack, n, t, spec.d_in), (*spec.stack, n, t, spec.d_out)
+
+
+def check_stats(stats: Any, specs: Mapping[str, _kinds.BlockSpec]) -> None:
     """Trace-time check of ``stats`` against the blocks: the layer, expected vs actual."""
     if stats is None:
         raise TypeError(
@@ -94,17 +132,15 @@ def check_stats(stats: Any, specs: Mapping[str, _layers.BlockSpec]) -> None:
     missing = sorted(set(specs) - set(stats))
     if missing:
         raise ValueError(
-            f"scale_by_ekfac: layers {missing} received no stats. value_grad_and_stats captures "
-            "nn.Dense and nn.Conv calls made inside loss_fn; a kernel of any other module must be "
-            "left out: pass layers=[...] without these paths to scale_by_ekfac (see "
-            "ek.summarize(params, layers)) and the same list to value_grad_and_stats."
+            f"scale_by_ekfac: layers {missing} received no stats. Build the blocks and the "
+            "stats from the same loss: blocks = ek.find_blocks(loss_fn, params, *batch) and "
+            "ek.value_grad_and_stats(loss_fn, layers=blocks)"
         )
     extra = sorted(set(stats) - set(specs))
     if extra:
         raise ValueError(
-            f"scale_by_ekfac: stats has layers {extra} that are not Kronecker blocks of this "
-            f"optimizer (blocks: {sorted(specs)}); pass the same layers=[...] to "
-            "value_grad_and_stats and scale_by_ekfac"
+            f"scale_by_ekfac: stats has layers {extra} that are not blocks of this optimizer "
+            f"(blocks: {sorted(specs)}); pass layers=blocks to value_grad_and_stats"
         )
     batch = None
     for path, spec in specs.items():
@@ -112,16 +148,18 @@ def check_stats(stats: Any, specs: Mapping[str, _layers.BlockSpec]) -> None:
         if not isinstance(layer, LayerStats):
             raise TypeError(f"stats[{path!r}] must be a LayerStats, got {type(layer)}")
         h_shape, delta_shape = jnp.shape(layer.h), jnp.shape(layer.delta)
-        n, t = (h_shape[:2] + (None, None))[:2]
-        if len(h_shape) != 3 or h_shape[2] != spec.d_in:
+        lead = len(spec.stack)
+        n, t = (delta_shape[lead:] + (None, None))[:2]
+        h_expected, delta_expected = _expected_stats(spec, n, t)
+        if delta_shape != delta_expected:
             raise ValueError(
-                f"stats[{path!r}].h: expected shape (N, T, {spec.d_in}) for kernel "
-                f"{spec.kernel_shape}, got {h_shape}"
+                f"stats[{path!r}].delta: expected shape "
+                f"{_expected_stats(spec, 'N', 'T')[1]} for {spec.describe()}, got {delta_shape}"
             )
-        if delta_shape != (n, t, spec.d_out):
+        if h_shape != h_expected:
             raise ValueError(
-                f"stats[{path!r}].delta: expected shape {(n, t, spec.d_out)} for kernel "
-                f"{spec.kernel_shape} and h of shape {h_shape}, got {delta_shape}"
+                f"stats[{path!r}].h: expected shape {h_expected} for {spec.describe()} and "
+                f"delta of shape {delta_shape}, got {h_shape}"
             )
         if batch is not None and n != batch[1]:
             raise ValueError(

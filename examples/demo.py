@@ -112,18 +112,18 @@ def make_plain_step(tx):
     return train_step
 
 
-def make_methods():
-    """Each method's name, optax transformation and train-step factory."""
+def make_methods(blocks):
+    """Each method's name, optax transformation and train-step factory.
+
+    ``blocks``: ``ek.find_blocks(loss_fn, params, x)`` for a batch ``x`` of the training shapes.
+    """
     lr = LEARNING_RATES
-    ekfac = ek.ekfac(
-        lr["EKFAC"], damping=DAMPING, basis_update_every=BASIS_UPDATE_EVERY, scaling="batch"
-    )
-    ekfac_ra = ek.ekfac(
-        lr["EKFAC-ra"], damping=DAMPING, basis_update_every=BASIS_UPDATE_EVERY, scaling="running"
-    )
+    common = dict(blocks=blocks, damping=DAMPING, basis_update_every=BASIS_UPDATE_EVERY)
+    ekfac = ek.ekfac(lr["EKFAC"], scaling="batch", **common)
+    ekfac_ra = ek.ekfac(lr["EKFAC-ra"], scaling="running", **common)
     # The preconditioner is an ordinary optax transformation: chain it with others.
     kfac = optax.chain(
-        ek.scale_by_kfac(damping=DAMPING, basis_update_every=BASIS_UPDATE_EVERY),
+        ek.scale_by_kfac(**common),
         optax.clip_by_global_norm(KFAC_CLIP_NORM),
         optax.scale_by_learning_rate(lr["KFAC"]),
     )
@@ -199,11 +199,14 @@ def main():
     floor = loss_floor(data)
     print(f"data: {data.shape[0]} images x {data.shape[1]} pixels, minibatch {BATCH_SIZE}")
     print(f"loss of a perfect reconstruction (pixel entropy): {floor:.3f}")
-    print(ek.summarize(params))
+    # The layers to precondition, found by an abstract run of loss_fn on a batch of the training
+    # shapes (no FLOPs).
+    blocks = ek.find_blocks(loss_fn, params, data[:BATCH_SIZE])
+    print(ek.summarize(params, blocks))
     print(f"training {args.epochs} epochs per method ({jax.default_backend()} backend)")
 
     results = {}
-    for name, (tx, make_step) in make_methods().items():
+    for name, (tx, make_step) in make_methods(blocks).items():
         results[name] = train(name, tx, make_step, params, data, args.epochs, args.seed)
 
     print()

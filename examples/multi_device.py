@@ -62,8 +62,10 @@ def loss_fn(params, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def communication(params, scaling: str, devices: int) -> dict[str, int]:
+def communication(params, blocks, scaling: str, devices: int) -> dict[str, int]:
     """Bytes each step and each basis update reduce or gather, per Kronecker block summed.
+
+    ``blocks``: ``ek.find_blocks(loss_fn, params, x, y)``, Kronecker blocks of Dense layers here.
 
     Per step: the gradients (every parameter) and the factor statistics ``A`` (``a² - a`` with a
     bias: ``hᵀh`` and the mean of ``h``) and ``B`` (``b²``) are all-reduced; EKFAC's batch ``s*``
@@ -74,7 +76,6 @@ def communication(params, scaling: str, devices: int) -> dict[str, int]:
     times that per device, an all-gather ``(D - 1) / D``.
     """
     itemsize = 4
-    blocks = ek.find_blocks(params)
     grads = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     # A with a bias is assembled from hᵀh (d_in²) and the mean of h (d_in): a² - a entries.
     factors = sum(
@@ -125,7 +126,11 @@ def main():
     x_all = (digits.data / 16.0).astype(np.float32)
     y_all = digits.target.astype(np.int32)
     params = jax.device_put(MLP().init(jax.random.key(0), x_all[:1])["params"], replicated)
-    tx = ek.ekfac(0.1, damping=1e-2, basis_update_every=10, scaling="running", mesh=mesh)
+    # The blocks, from an abstract run of loss_fn (no FLOPs) on a batch of the global shape.
+    blocks = ek.find_blocks(loss_fn, params, x_all[: ARGS.batch], y_all[: ARGS.batch])
+    tx = ek.ekfac(
+        0.1, blocks=blocks, damping=1e-2, basis_update_every=10, scaling="running", mesh=mesh
+    )
     opt_state = jax.device_put(tx.init(params), replicated)
     grad_fn = ek.value_grad_and_stats(loss_fn)
 
@@ -149,9 +154,9 @@ def main():
     x, y = batch(0)
     compiled = step.lower(params, opt_state, x, y).compile()
     print(f"{devices.size} devices ({jax.default_backend()}), {jax.process_count()} process(es)")
-    print(ek.summarize(params))
+    print(ek.summarize(params, blocks))
     print("\nCommunication, bytes (formula):")
-    for what, nbytes in communication(params, "running", devices.size).items():
+    for what, nbytes in communication(params, blocks, "running", devices.size).items():
         print(f"  {what:55s} {nbytes:>12,}")
     measured = collective_bytes(compiled.as_text())
     print("Collectives in the compiled step (results, bytes; the all-gathers run only on basis "

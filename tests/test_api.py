@@ -73,11 +73,13 @@ def init_params(model, x, seed=0):
 
 
 def setup(widths=(10,), dtype=jnp.float64):
-    """params, loss_fn and ``value_grad_and_stats(loss_fn)`` of an MLP (activations in dtype)."""
+    """params, loss_fn, ``value_grad_and_stats(loss_fn)`` and the blocks of an MLP (activations
+    in dtype); the blocks from ``ek.find_blocks`` on a batch of the tests' shapes."""
     model = MLP(widths, dtype=dtype, param_dtype=dtype)
     params = init_params(model, np.zeros((1, 64), dtype))
     loss_fn = make_loss(model)
-    return params, jax.jit(loss_fn), ek.value_grad_and_stats(loss_fn)
+    blocks = ek.find_blocks(loss_fn, params, *batch(0, dtype=np.dtype(dtype)))
+    return params, jax.jit(loss_fn), ek.value_grad_and_stats(loss_fn), blocks
 
 
 def leaves(tree):
@@ -108,27 +110,37 @@ def shapes_and_dtypes(tree):
     return jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), tree)
 
 
-# The setting of most tests: MLP((10,)) in float64, batches of 64, ek.ekfac(LR, **KW).
+# The setting of most tests: MLP((10,)) in float64, batches of 64, ek.ekfac(LR, **kw()).
 LR = 0.1
 KW = dict(damping=1e-2, basis_update_every=2, factor_decay=0.5)
 
 
 @functools.cache
 def default_setup():
-    params, _, grad_fn = setup()
-    return params, jax.jit(grad_fn)
+    """params, the jitted ``value_grad_and_stats`` and the blocks of ``MLP((10,))``."""
+    params, _, grad_fn, blocks = setup()
+    return params, jax.jit(grad_fn), blocks
+
+
+def default_blocks():
+    return default_setup()[2]
+
+
+def kw(**changes):
+    """``KW`` with the blocks of the default setup, and ``changes``."""
+    return dict(KW, blocks=default_blocks(), **changes)
 
 
 def default_grads(seed):
     """``(grads, stats)`` of batch ``seed`` at the initial params."""
-    params, grad_fn = default_setup()
+    params, grad_fn, _ = default_setup()
     return grad_fn(params, *batch(seed))[1:]
 
 
 @jax.jit
 def reference_update(damping, grads, state, params, stats):
-    """``ek.ekfac(LR, **KW)`` with a given ``damping`` (traced: one compilation for all)."""
-    return ek.ekfac(LR, **dict(KW, damping=damping)).update(grads, state, params, stats=stats)
+    """``ek.ekfac(LR, **kw())`` with a given ``damping`` (traced: one compilation for all)."""
+    return ek.ekfac(LR, **kw(damping=damping)).update(grads, state, params, stats=stats)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,10 +149,10 @@ def reference_update(damping, grads, state, params, stats):
 
 def test_jit_chain_with_clipping_and_lr_schedule_trains():
     """scale_by_ekfac → clip_by_global_norm → scale_by_learning_rate(schedule), jitted."""
-    params, loss_fn, grad_fn = setup()
+    params, loss_fn, grad_fn, blocks = setup()
     schedule = optax.exponential_decay(0.5, transition_steps=10, decay_rate=0.5)
     tx = optax.chain(
-        ek.scale_by_ekfac(damping=1e-2, basis_update_every=5),
+        ek.scale_by_ekfac(blocks=blocks, damping=1e-2, basis_update_every=5),
         optax.clip_by_global_norm(1.0),
         optax.scale_by_learning_rate(schedule),
     )
@@ -169,18 +181,24 @@ def test_jit_chain_with_clipping_and_lr_schedule_trains():
 @pytest.mark.parametrize("name", ["ekfac", "kfac"])
 def test_aliases_equal_the_explicit_chain(name):
     """ek.ekfac / ek.kfac trace to the same program as the explicit chain and agree bit-for-bit."""
-    kw = dict(damping=1e-2, basis_update_every=2, factor_decay=0.9, damping_mode="factored")
+    common = dict(
+        blocks=default_blocks(),
+        damping=1e-2,
+        basis_update_every=2,
+        factor_decay=0.9,
+        damping_mode="factored",
+    )
     schedule = optax.linear_schedule(0.2, 0.1, 5)
     if name == "ekfac":
-        alias = ek.ekfac(schedule, scaling="running", scaling_decay=0.8, **kw)
+        alias = ek.ekfac(schedule, scaling="running", scaling_decay=0.8, **common)
         explicit = optax.chain(
-            ek.scale_by_ekfac(scaling="running", scaling_decay=0.8, **kw),
+            ek.scale_by_ekfac(scaling="running", scaling_decay=0.8, **common),
             optax.scale_by_learning_rate(schedule),
         )
     else:
-        alias = ek.kfac(schedule, **kw)
-        explicit = optax.chain(ek.scale_by_kfac(**kw), optax.scale_by_learning_rate(schedule))
-    params, _ = default_setup()
+        alias = ek.kfac(schedule, **common)
+        explicit = optax.chain(ek.scale_by_kfac(**common), optax.scale_by_learning_rate(schedule))
+    params, _, _ = default_setup()
     grads, stats = default_grads(0)
     state = alias.init(params)
     assert_trees_equal(state, explicit.init(params))
@@ -208,9 +226,9 @@ def test_aliases_equal_the_explicit_chain(name):
 
 
 def test_inject_hyperparams_damping_under_jit():
-    params, _ = default_setup()
+    params, _, _ = default_setup()
     grads, stats = default_grads(0)
-    tx = optax.inject_hyperparams(ek.ekfac)(learning_rate=LR, **KW)
+    tx = optax.inject_hyperparams(ek.ekfac)(learning_rate=LR, **kw())
     state = tx.init(params)
     assert {"learning_rate", "damping"} <= set(state.hyperparams)
 
@@ -222,16 +240,16 @@ def test_inject_hyperparams_damping_under_jit():
     assert update._cache_size() == 1  # changing a hyperparameter does not retrace
 
     assert trees_differ(updates, updates_damped)
-    fresh = ek.ekfac(LR, **KW).init(params)
+    fresh = ek.ekfac(LR, **kw()).init(params)
     assert_trees_close(updates, reference_update(1e-2, grads, fresh, params, stats)[0])
     assert_trees_close(updates_damped, reference_update(1.0, grads, fresh, params, stats)[0])
     assert int(new_state.inner_state[0].count) == 1
 
 
 def test_damping_schedule_is_evaluated_at_the_update_count():
-    params, grad_fn = default_setup()
+    params, grad_fn, _ = default_setup()
     schedule = optax.exponential_decay(1.0, transition_steps=1, decay_rate=0.1)  # 1, .1, .01
-    tx = ek.ekfac(LR, **dict(KW, damping=schedule))
+    tx = ek.ekfac(LR, **kw(damping=schedule))
     scheduled = jax.jit(lambda g, s, p, st: tx.update(g, s, p, stats=st))
     state = tx.init(params)
     for count in range(3):
@@ -254,8 +272,8 @@ def test_damping_schedule_is_evaluated_at_the_update_count():
 @pytest.fixture(scope="module")
 def history():
     """States ``[init, after update 1, ..., after update 8]`` with ``basis_update_every=3``."""
-    params, grad_fn = default_setup()
-    tx = ek.ekfac(LR, damping=1e-2, basis_update_every=3, factor_decay=0.5)
+    params, grad_fn, blocks = default_setup()
+    tx = ek.ekfac(LR, blocks=blocks, damping=1e-2, basis_update_every=3, factor_decay=0.5)
 
     @jax.jit
     def step(params, state, x, y):
@@ -318,8 +336,8 @@ DTYPES = {"bfloat16": "float32", "float32": "float32", "float64": "float64"}
 def dtype_case(dtype_name):
     """A jitted step ``lax.cond(pred, update, no-op)`` for params and activations of a dtype."""
     dtype = jnp.dtype(dtype_name)
-    params, _, grad_fn = setup(dtype=dtype)
-    tx = ek.ekfac(LR, **KW)
+    params, _, grad_fn, blocks = setup(dtype=dtype)
+    tx = ek.ekfac(LR, blocks=blocks, **KW)
 
     @jax.jit
     def step(pred, params, state, x, y):
@@ -373,7 +391,7 @@ def test_dtypes_of_state_and_updates(dtype_name):
 
 
 # ----------------------------------------------------------------------------------------------
-# Parameters outside Kronecker blocks: summarize and the identity fallback
+# Embed and LayerNorm blocks, summarize, and the fallbacks of parameters in no block
 
 
 class TokenNet(nn.Module):
@@ -386,31 +404,80 @@ class TokenNet(nn.Module):
         return nn.Dense(10, param_dtype=jnp.float64)(x.reshape(x.shape[0], -1))
 
 
-def test_summarize_and_identity_fallback_for_layernorm_and_embed():
+@functools.cache
+def token_setup():
+    """params, loss_fn, all tokens and labels, and the blocks of ``TokenNet``."""
     model = TokenNet()
     x_all, y_all = digits()
     tokens = np.rint(x_all * 16).astype(np.int32)
     params = init_params(model, tokens[:1])
+    loss_fn = make_loss(model)
+    blocks = ek.find_blocks(loss_fn, params, tokens[:64], y_all[:64])
+    return params, loss_fn, tokens, y_all, blocks
 
-    summary = ek.summarize(params).splitlines()
+
+def token_batch(seed, tokens, labels):
+    idx = np.random.default_rng(seed).choice(len(tokens), 64, replace=False)
+    return tokens[idx], labels[idx]
+
+
+def summary_rows(params, blocks, **kwargs):
+    summary = ek.summarize(params, blocks, **kwargs).splitlines()
     assert summary[0].split() == ["parameter", "shape", "preconditioning"]
-    rows = {line.split()[0]: line for line in summary[1:]}
+    return {line.split()[0]: line for line in summary[1:]}
+
+
+def test_find_blocks_and_summarize_layernorm_and_embed():
+    """Dense: a Kronecker block; Embed: an embedding block (diagonal input factor); LayerNorm: a
+    diagonal block over [scale; bias]. Every parameter is in a block: no fallback row."""
+    params, _, _, _, blocks = token_setup()
+    assert list(blocks) == ["Dense_0", "Embed_0", "LayerNorm_0"]
+    assert {path: (spec.kind, spec.block) for path, spec in blocks.items()} == {
+        "Dense_0": ("dense", "kronecker"),
+        "Embed_0": ("embed", "embed"),
+        "LayerNorm_0": ("scale_and_shift", "diagonal"),
+    }
+    assert all(isinstance(spec, ek.BlockSpec) for spec in blocks.values())
+    assert (blocks["Dense_0"].d_in, blocks["Dense_0"].d_out) == (256, 10)
+    assert (blocks["Embed_0"].d_in, blocks["Embed_0"].d_out) == (17, 4)
+    assert blocks["LayerNorm_0"].d_out == 8  # the scalars of [scale; bias]
+    assert all(spec.stack == () for spec in blocks.values())
+
+    rows = summary_rows(params, blocks)
     expected = {
         "Dense_0/kernel": ("(256, 10)", "kronecker block 257x10 of Dense_0"),
         "Dense_0/bias": ("(10,)", "kronecker block 257x10 of Dense_0"),
-        "Embed_0/embedding": ("(17, 4)", "identity"),
-        "LayerNorm_0/scale": ("(4,)", "identity"),
-        "LayerNorm_0/bias": ("(4,)", "identity"),
+        "Embed_0/embedding": ("(17, 4)", "embedding block 17x4"),
+        "LayerNorm_0/scale": ("(4,)", "diagonal block (8 scalars) of LayerNorm_0"),
+        "LayerNorm_0/bias": ("(4,)", "diagonal block (8 scalars) of LayerNorm_0"),
     }
-    assert set(rows) == set(expected), summary
+    assert set(rows) == set(expected), rows
     for path, (shape, how) in expected.items():
         assert shape in rows[path] and how in rows[path], rows[path]
+        assert "fallback" not in rows[path] and "identity" not in rows[path], rows[path]
 
-    loss_fn = make_loss(model)
+    # With only the Dense block, the others are listed under the fallback.
+    dense_only = {"Dense_0": blocks["Dense_0"]}
+    for fallback, how in (("diagonal", "diagonal fallback"), ("identity", "identity")):
+        rows = summary_rows(params, dense_only, fallback=fallback)
+        for path in ("Embed_0/embedding", "LayerNorm_0/scale", "LayerNorm_0/bias"):
+            assert how in rows[path], rows[path]
+        assert "kronecker block 257x10 of Dense_0" in rows["Dense_0/kernel"]
+
+
+def test_embed_and_layernorm_blocks_train():
+    """With every block, the state holds an embedding block whose input factor is a vector of
+    token frequencies (vocab,), a LayerNorm diagonal block, no fallback state; every parameter is
+    preconditioned (no update is the plain gradient step) and the loss goes down."""
+    params, loss_fn, tokens, labels, blocks = token_setup()
     grad_fn = ek.value_grad_and_stats(loss_fn)
     full_loss = jax.jit(loss_fn)
-    tx = ek.ekfac(LR, damping=1e-2, basis_update_every=5)
-    assert list(tx.init(params)[0].blocks) == ["Dense_0"]
+    tx = ek.ekfac(LR, blocks=blocks, damping=1e-2, basis_update_every=5)
+    state = tx.init(params)
+    assert list(state[0].blocks) == ["Dense_0", "Embed_0", "LayerNorm_0"]
+    embed = state[0].blocks["Embed_0"]
+    assert embed.factor_a.shape == (17,) and embed.factor_b.shape == (4, 4)
+    assert not state[0].fallback
 
     @jax.jit
     def train_step(params, opt_state, x, y):
@@ -418,16 +485,72 @@ def test_summarize_and_identity_fallback_for_layernorm_and_embed():
         updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
         return optax.apply_updates(params, updates), opt_state, grads, updates
 
-    loss_before = full_loss(params, tokens, y_all)
-    opt_state = tx.init(params)
+    loss_before = full_loss(params, tokens, labels)
+    opt_state = state
     for seed in range(20):
-        idx = np.random.default_rng(seed).choice(len(tokens), 64, replace=False)
-        params, opt_state, grads, updates = train_step(params, opt_state, tokens[idx], y_all[idx])
-        identity = jax.tree.map(lambda g: -LR * np.asarray(g), grads)
-        for layer in ("Embed_0", "LayerNorm_0"):
-            assert_trees_equal(updates[layer], identity[layer])
-        assert trees_differ(updates["Dense_0"], identity["Dense_0"])
-    assert full_loss(params, tokens, y_all) < 0.3 * loss_before
+        params, opt_state, grads, updates = train_step(
+            params, opt_state, *token_batch(seed, tokens, labels)
+        )
+        plain = jax.tree.map(lambda g: -LR * np.asarray(g), grads)
+        for layer in ("Dense_0", "Embed_0", "LayerNorm_0"):
+            assert trees_differ(updates[layer], plain[layer]), (seed, layer)
+    assert int(opt_state[0].count) == 20
+    # Token counts over the last batch's N T = 64 * 64 positions: a distribution over the vocab.
+    factor_a = np.asarray(opt_state[0].blocks["Embed_0"].factor_a)
+    assert np.all(factor_a >= 0) and np.isclose(factor_a.sum(), 1.0)
+    assert full_loss(params, tokens, labels) < 0.3 * loss_before
+
+
+@pytest.mark.parametrize("fallback", ["identity", "diagonal"])
+def test_parameters_in_no_block_get_the_fallback(fallback):
+    """Only the Dense block (a sub-dict of the blocks, the same for value_grad_and_stats): the
+    Embed and LayerNorm parameters get the fallback. ``"identity"``: passed through unchanged
+    (the old behaviour), no fallback state. ``"diagonal"`` (the default): ``g / (s + damping)``
+    with ``s`` the debiased EMA (decay ``scaling_decay``) of ``N g²``, the first value ``N g²``,
+    state in ``state.fallback[param path]``."""
+    params, loss_fn, tokens, labels, blocks = token_setup()
+    dense_only = {path: spec for path, spec in blocks.items() if path == "Dense_0"}
+    grad_fn = ek.value_grad_and_stats(loss_fn, layers=dense_only)
+    damping, decay = 1e-2, 0.8
+    kwargs = {} if fallback == "diagonal" else dict(fallback=fallback)  # "diagonal": the default
+    tx = ek.ekfac(
+        LR, blocks=dense_only, damping=damping, basis_update_every=5, scaling_decay=decay, **kwargs
+    )
+    fallback_paths = ["Embed_0/embedding", "LayerNorm_0/bias", "LayerNorm_0/scale"]
+
+    @jax.jit
+    def train_step(params, opt_state, x, y):
+        _, grads, stats = grad_fn(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
+        return optax.apply_updates(params, updates), opt_state, grads, updates, stats
+
+    opt_state = tx.init(params)
+    assert list(opt_state[0].blocks) == ["Dense_0"]
+    if fallback == "identity":
+        assert not opt_state[0].fallback
+    else:
+        assert sorted(opt_state[0].fallback) == fallback_paths
+    average = {path: 0.0 for path in fallback_paths}  # the EMA m_k of N g², m_0 = 0
+    for step in range(1, 6):
+        x, y = token_batch(step, tokens, labels)
+        params, opt_state, grads, updates, stats = train_step(params, opt_state, x, y)
+        assert list(stats) == ["Dense_0"]
+        for path in fallback_paths:
+            layer, name = path.split("/")
+            g = np.asarray(grads[layer][name])
+            if fallback == "identity":
+                expected = -LR * g
+                np.testing.assert_array_equal(updates[layer][name], expected, err_msg=path)
+                continue
+            average[path] = decay * average[path] + (1 - decay) * len(x) * g**2
+            s = average[path] / (1 - decay**step)
+            expected = -LR * g / (s + damping)
+            np.testing.assert_allclose(updates[layer][name], expected, rtol=1e-10, err_msg=path)
+            assert opt_state[0].fallback[path].shape == g.shape
+            assert trees_differ(updates[layer][name], -LR * g)
+        plain = jax.tree.map(lambda g: -LR * np.asarray(g), grads)
+        assert trees_differ(updates["Dense_0"], plain["Dense_0"])
+    assert int(opt_state[0].count) == 5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,14 +559,14 @@ def test_summarize_and_identity_fallback_for_layernorm_and_embed():
 
 def test_after_add_decayed_weights_in_a_chain():
     """stats are forwarded past a transformation placed before scale_by_ekfac."""
-    params, _ = default_setup()
+    params, _, _ = default_setup()
     grads, stats = default_grads(0)
     wd = 0.1
-    tx = optax.chain(optax.add_decayed_weights(wd), ek.ekfac(LR, **KW))
+    tx = optax.chain(optax.add_decayed_weights(wd), ek.ekfac(LR, **kw()))
     updates, _ = jax.jit(lambda g, s, p, st: tx.update(g, s, p, stats=st))(
         grads, tx.init(params), params, stats
     )
-    fresh = ek.ekfac(LR, **KW).init(params)
+    fresh = ek.ekfac(LR, **kw()).init(params)
     decayed = jax.tree.map(lambda g, p: np.asarray(g) + wd * np.asarray(p), grads, params)
     assert_trees_close(updates, reference_update(1e-2, decayed, fresh, params, stats)[0])
     assert trees_differ(updates, reference_update(1e-2, grads, fresh, params, stats)[0])
@@ -452,8 +575,8 @@ def test_after_add_decayed_weights_in_a_chain():
 def test_multi_steps_forwards_stats():
     """optax.MultiSteps forwards ``stats``: the inner update sees the mean of the k gradients and
     the stats of the last micro-batch only (earlier micro-batches add nothing to the curvature)."""
-    params, _ = default_setup()
-    tx = optax.MultiSteps(ek.ekfac(LR, **KW), every_k_schedule=2, accumulator_dtype=jnp.float64)
+    params, _, _ = default_setup()
+    tx = optax.MultiSteps(ek.ekfac(LR, **kw()), every_k_schedule=2, accumulator_dtype=jnp.float64)
     update = jax.jit(lambda g, s, p, st: tx.update(g, s, p, stats=st))
     grads_1, stats_1 = default_grads(1)
     grads_2, stats_2 = default_grads(2)
@@ -465,22 +588,22 @@ def test_multi_steps_forwards_stats():
     assert int(state.inner_opt_state[0].count) == 1
 
     mean = jax.tree.map(lambda a, b: (np.asarray(a) + np.asarray(b)) / 2, grads_1, grads_2)
-    fresh = ek.ekfac(LR, **KW).init(params)
+    fresh = ek.ekfac(LR, **kw()).init(params)
     expected, expected_state = reference_update(1e-2, mean, fresh, params, stats_2)
     assert_trees_close(updates_2, expected, rtol=1e-10)
     assert_trees_close(state.inner_opt_state, expected_state, rtol=1e-10)
 
 
 def test_apply_if_finite_forwards_stats_and_rejects_nan():
-    params, _ = default_setup()
+    params, _, _ = default_setup()
     grads, stats = default_grads(0)
-    tx = optax.apply_if_finite(ek.ekfac(LR, **KW), max_consecutive_errors=2)
+    tx = optax.apply_if_finite(ek.ekfac(LR, **kw()), max_consecutive_errors=2)
     update = jax.jit(lambda g, s, p, st: tx.update(g, s, p, stats=st))
 
     state = tx.init(params)
     updates, state = update(grads, state, params, stats)
     assert bool(state.last_finite) and int(state.inner_state[0].count) == 1
-    fresh = ek.ekfac(LR, **KW).init(params)
+    fresh = ek.ekfac(LR, **kw()).init(params)
     assert_trees_close(updates, reference_update(1e-2, grads, fresh, params, stats)[0])
 
     bad = jax.tree.map(np.array, grads)

@@ -12,17 +12,33 @@ import numpy as np
 import pytest
 
 import ekfac_optax as ek
-from tests.test_reliability import MLP, NO_POISON, assert_trees_equal, digits_batches, make_step
+from tests.test_reliability import (
+    MLP,
+    NO_POISON,
+    assert_trees_equal,
+    digits_batches,
+    find_blocks,
+    make_step,
+)
+
+KW = dict(damping=1e-2, basis_update_every=3, factor_decay=0.9, scaling="running")
 
 
 @pytest.fixture(scope="module")
 def training():
     model = MLP()
-    tx = ek.ekfac(0.05, damping=1e-2, basis_update_every=3, factor_decay=0.9, scaling="running")
-    step = make_step(model, tx)
     batches = digits_batches(10)
     params = model.init(jax.random.key(0), batches[0][0])["params"]
+    tx = ek.ekfac(0.05, blocks=find_blocks(model, params, *batches[0]), **KW)
+    step = make_step(model, tx)
     return tx, step, batches, params
+
+
+def init_state(model, batch):
+    """The params of ``model`` and the initial state of ``ek.ekfac(0.05, **KW)`` for them."""
+    params = model.init(jax.random.key(0), batch[0])["params"]
+    tx = ek.ekfac(0.05, blocks=find_blocks(model, params, *batch), **KW)
+    return tx.init(params)
 
 
 def train(step, params, opt_state, batches):
@@ -49,13 +65,13 @@ def test_checkpoint_of_another_model_names_the_layers(training, tmp_path):
     tx, _, batches, params0 = training
     ek.save_state(tmp_path / "ckpt", tx.init(params0))
 
-    wider = MLP(widths=(48, 10)).init(jax.random.key(0), batches[0][0])["params"]
+    wider = init_state(MLP(widths=(48, 10)), batches[0])
     with pytest.raises(ValueError, match=r"Dense_0.*float32\[33, 33\] in checkpoint.*\[49, 49\]"):
-        ek.restore_state(tmp_path / "ckpt", tx.init(wider))
+        ek.restore_state(tmp_path / "ckpt", wider)
 
-    deeper = MLP(widths=(32, 16, 10)).init(jax.random.key(0), batches[0][0])["params"]
+    deeper = init_state(MLP(widths=(32, 16, 10)), batches[0])
     with pytest.raises(ValueError, match=r"layers only in the model \['Dense_2'\]"):
-        ek.restore_state(tmp_path / "ckpt", tx.init(deeper))
+        ek.restore_state(tmp_path / "ckpt", deeper)
 
 
 def training_digest() -> str:
@@ -63,9 +79,10 @@ def training_digest() -> str:
     model = MLP()
     batches = digits_batches(6)
     params = model.init(jax.random.key(0), batches[0][0])["params"]
+    blocks = find_blocks(model, params, *batches[0])
     digest = hashlib.sha256()
     for scaling in ("batch", "running"):
-        tx = ek.ekfac(0.05, damping=1e-2, basis_update_every=2, scaling=scaling)
+        tx = ek.ekfac(0.05, blocks=blocks, damping=1e-2, basis_update_every=2, scaling=scaling)
         step = make_step(model, tx)
         p, s = params, tx.init(params)
         for x, y in batches:
@@ -101,8 +118,15 @@ def test_conv_model_checkpoint_round_trip(tmp_path):
             x = nn.Conv(4, (3, 3), param_dtype=jnp.float64)(x)
             return nn.Dense(3, param_dtype=jnp.float64)(x.reshape(x.shape[0], -1))
 
-    params = CNN().init(jax.random.key(1), jnp.ones((2, 5, 5, 1)))["params"]
-    tx = ek.scale_by_kfac(damping=1e-2)
+    x = jnp.ones((2, 5, 5, 1))
+    params = CNN().init(jax.random.key(1), x)["params"]
+
+    def loss_fn(params, x):
+        return jnp.mean(CNN().apply({"params": params}, x) ** 2)
+
+    blocks = ek.find_blocks(loss_fn, params, x)
+    assert sorted(blocks) == ["Conv_0", "Dense_0"]
+    tx = ek.scale_by_kfac(blocks=blocks, damping=1e-2)
     state = tx.init(params)
     state = state._replace(
         blocks={p: b._replace(factor_a=b.factor_a + 1.5) for p, b in state.blocks.items()}

@@ -61,6 +61,12 @@ def problem(kind):
     return loss_fn, params, xs, ys
 
 
+def problem_blocks(kind):
+    """``ek.find_blocks`` of the problem's loss on its first batch."""
+    loss_fn, params, xs, ys = problem(kind)
+    return ek.find_blocks(loss_fn, params, xs[0], ys[0])
+
+
 def train(tx, loss_fn, params, xs, ys, put_params=lambda t: t, put_batch=lambda t: t):
     """Three jitted steps; returns the params, the state and the compiled step's HLO text."""
     grad_fn = ek.value_grad_and_stats(loss_fn)
@@ -113,10 +119,12 @@ def fsdp(mesh):
     return put
 
 
-def make_tx(scaling, mesh=None):
+def make_tx(blocks, scaling, mesh=None):
     if scaling == "kfac":
-        return ek.kfac(0.1, damping=1e-2, basis_update_every=2, mesh=mesh)
-    return ek.ekfac(0.1, damping=1e-2, basis_update_every=2, scaling=scaling, mesh=mesh)
+        return ek.kfac(0.1, blocks=blocks, damping=1e-2, basis_update_every=2, mesh=mesh)
+    return ek.ekfac(
+        0.1, blocks=blocks, damping=1e-2, basis_update_every=2, scaling=scaling, mesh=mesh
+    )
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
@@ -125,14 +133,15 @@ def make_tx(scaling, mesh=None):
 def test_data_parallel_equals_one_device(kind, scaling, params_layout):
     """Batch sharded over 8 devices, params replicated or FSDP-sharded = one device, whole batch."""
     loss_fn, params, xs, ys = problem(kind)
+    blocks = problem_blocks(kind)
     one_device = jax.devices()[0]
-    want = train(make_tx(scaling), loss_fn, params, xs, ys,
+    want = train(make_tx(blocks, scaling), loss_fn, params, xs, ys,
                  put_params=lambda t: jax.device_put(t, one_device),
                  put_batch=lambda t: jax.device_put(t, one_device))  # fmt: skip
     mesh = mesh8()
     replicate = lambda t: jax.device_put(t, NamedSharding(mesh, P()))  # noqa: E731
     got = train(
-        make_tx(scaling),
+        make_tx(blocks, scaling),
         loss_fn,
         params,
         xs,
@@ -160,21 +169,22 @@ def eigh_batch_sizes(hlo: str) -> list[int]:
 def test_sharded_eigh_equals_replicated_and_is_spread(kind):
     """``mesh=`` decomposes each factor on one device: same training, 1-matrix eigh per device."""
     loss_fn, params, xs, ys = problem(kind)
+    blocks = problem_blocks(kind)
     mesh = mesh8()
     replicate = lambda t: jax.device_put(t, NamedSharding(mesh, P()))  # noqa: E731
     batch = lambda t: jax.device_put(t, NamedSharding(mesh, P("data")))  # noqa: E731
-    want = train(make_tx("batch"), loss_fn, params, xs, ys, replicate, batch)
-    got = train(make_tx("batch", mesh), loss_fn, params, xs, ys, replicate, batch)
+    want = train(make_tx(blocks, "batch"), loss_fn, params, xs, ys, replicate, batch)
+    got = train(make_tx(blocks, "batch", mesh), loss_fn, params, xs, ys, replicate, batch)
     assert_same_training(got, want)
     # Without a mesh every device decomposes every factor (batched by shape); with it, each
     # device decomposes at most ceil(k / 8) = 1 of each group of k <= 8 same-shaped factors.
-    n_factors = 2 * len(ek.find_blocks(params))
+    n_factors = 2 * len(blocks)
     assert sum(eigh_batch_sizes(want[2])) == n_factors
     spread = eigh_batch_sizes(got[2])
     assert spread and all(size == 1 for size in spread)
     # What is communicated for the basis: exactly the eigenvalues and eigenvectors of every
     # factor (float64), each group of same-sized factors padded to a multiple of 8 devices.
-    sizes = [d for s in ek.find_blocks(params).values() for d in (s.d_in_aug, s.d_out)]
+    sizes = [d for s in blocks.values() for d in (s.d_in_aug, s.d_out)]
     want_bytes = sum(-(-sizes.count(d) // 8) * 8 * (d * d + d) * 8 for d in set(sizes))
     assert all_gather_bytes(got[2]) == want_bytes
     assert all_gather_bytes(want[2]) == 0
@@ -190,7 +200,7 @@ def all_gather_bytes(hlo: str) -> int:
 
 def test_mesh_must_be_a_mesh():
     with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
-        ek.ekfac(0.1, mesh=jax.devices())
+        ek.ekfac(0.1, blocks=problem_blocks("mlp"), mesh=jax.devices())
 
 
 def test_checkpoint_restores_on_another_device_count(tmp_path):
@@ -198,7 +208,7 @@ def test_checkpoint_restores_on_another_device_count(tmp_path):
     has a single device; a single-device state restores onto the 8-device mesh."""
     loss_fn, params, xs, ys = problem("mlp")
     mesh = mesh8()
-    tx = make_tx("running", mesh)
+    tx = make_tx(problem_blocks("mlp"), "running", mesh)
     _, state, _ = train(tx, loss_fn, params, xs, ys, fsdp(mesh),
                         lambda t: jax.device_put(t, NamedSharding(mesh, P("data"))))  # fmt: skip
     ek.save_state(tmp_path / "from8", state)
@@ -220,10 +230,11 @@ def test_checkpoint_restores_on_another_device_count(tmp_path):
         import jax, numpy as np, optax
         jax.config.update("jax_enable_x64", True)
         import ekfac_optax as ek
-        from test_distributed import problem
+        from test_distributed import problem, problem_blocks
         assert jax.device_count() == 1, jax.device_count()
         _, params, _, _ = problem("mlp")
-        tx = ek.ekfac(0.1, damping=1e-2, basis_update_every=2, scaling="running")
+        tx = ek.ekfac(0.1, blocks=problem_blocks("mlp"), damping=1e-2, basis_update_every=2,
+                      scaling="running")
         restored = ek.restore_state({str(tmp_path / "from8")!r}, tx.init(params))
         want = np.load({str(tmp_path / "want.npz")!r})
         for i, got in enumerate(jax.tree.leaves(restored)):

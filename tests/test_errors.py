@@ -56,8 +56,16 @@ def make_loss(model):
     return loss_fn
 
 
+def blocks_of(model, params=None):
+    """``ek.find_blocks`` of ``make_loss(model)`` on a batch of ``data()``'s shapes."""
+    x, y = data()
+    params = init_params(model, x) if params is None else params
+    return ek.find_blocks(make_loss(model), params, x, y)
+
+
 MODEL = MLP()
-TX = ek.ekfac(0.1, damping=1e-2, basis_update_every=2)
+BLOCKS = blocks_of(MODEL)
+TX = ek.ekfac(0.1, blocks=BLOCKS, damping=1e-2, basis_update_every=2)
 
 
 @functools.cache
@@ -109,7 +117,7 @@ def assert_rejected(
 
 @pytest.mark.parametrize("name", ["ekfac", "scale_by_ekfac", "scale_by_kfac"])
 def test_stats_forgotten(name):
-    tx = TX if name == "ekfac" else optax.chain(getattr(ek, name)())
+    tx = TX if name == "ekfac" else optax.chain(getattr(ek, name)(blocks=BLOCKS))
 
     def update(grads, state, params, stats):
         return tx.update(grads, state, params)
@@ -134,10 +142,24 @@ def test_stats_entry_not_layer_stats():
     assert_rejected(TypeError, r"stats\['Dense_0'\] must be a LayerStats", stats=stats)
 
 
+MISSING = r"received no stats.*ek\.value_grad_and_stats\(loss_fn, layers=blocks\)"
+
+
 def test_missing_layer_in_stats():
     stats = dict(setup()[2])
     del stats["Dense_1"]
-    assert_rejected(ValueError, r"layers \['Dense_1'\] received no stats.*layers=\[", stats=stats)
+    assert_rejected(ValueError, r"layers \['Dense_1'\] " + MISSING, stats=stats)
+
+
+def test_stats_captured_for_fewer_layers_than_the_blocks():
+    """value_grad_and_stats(layers=[...]) restricted to a subset while the optimizer has every
+    block: the layers without stats are named, with the way out."""
+    x, y = data()
+    stats = jax.jit(ek.value_grad_and_stats(make_loss(MODEL), layers=["Dense_1"]))(
+        setup()[0], x, y
+    )[2]
+    assert list(stats) == ["Dense_1"]
+    assert_rejected(ValueError, r"layers \['Dense_0'\] " + MISSING, stats=stats)
 
 
 def test_extra_layer_in_stats():
@@ -145,10 +167,23 @@ def test_extra_layer_in_stats():
     stats["Dense_9"] = stats["Dense_0"]
     assert_rejected(
         ValueError,
-        r"stats has layers \['Dense_9'\] that are not Kronecker blocks.*"
-        r"\['Dense_0', 'Dense_1'\]",
+        r"stats has layers \['Dense_9'\] that are not blocks of this optimizer.*"
+        r"\['Dense_0', 'Dense_1'\].*layers=blocks",
         stats=stats,
     )
+
+
+def test_stats_of_every_block_for_an_optimizer_of_a_subset():
+    """The optimizer has a sub-dict of the blocks but the stats cover every block (layers= was
+    not passed to value_grad_and_stats): a ValueError names the extra layer."""
+    params, grads, stats, _ = setup()
+    tx = ek.ekfac(0.1, blocks={"Dense_1": BLOCKS["Dense_1"]}, damping=1e-2)
+    match = r"stats has layers \['Dense_0'\] that are not blocks of this optimizer"
+    state = tx.init(params)
+    with pytest.raises(ValueError, match=match):
+        tx.update(grads, state, params, stats=stats)
+    with pytest.raises(ValueError, match=match):
+        jax.jit(lambda g, s, p, st: tx.update(g, s, p, stats=st))(grads, state, params, stats)
 
 
 def _pad(x, axis):
@@ -158,33 +193,38 @@ def _pad(x, axis):
     return jnp.pad(x, widths)
 
 
+# The blocks as the messages name them.
+DENSE_0 = r"kronecker block 6x6 of Dense_0 \[dense\]"
+DENSE_1 = r"kronecker block 7x4 of Dense_1 \[dense\]"
+N_T = r"\('?N'?, '?T'?, "  # "(N, T, " with or without quotes
 SHAPE_ERRORS = {
     # name: (layer, change of its LayerStats, message)
     "wrong d_in": (
         "Dense_1",
         lambda s: s._replace(h=_pad(s.h, 2)),
-        r"stats\['Dense_1'\]\.h: expected shape \(N, T, 6\) for kernel \(6, 4\), got \(32, 1, 7\)",
+        rf"stats\['Dense_1'\]\.h: expected shape \(32, 1, 6\) for {DENSE_1} and delta of shape "
+        r"\(32, 1, 4\), got \(32, 1, 7\)",
     ),
     "wrong d_out": (
         "Dense_1",
         lambda s: s._replace(delta=_pad(s.delta, 2)),
-        r"stats\['Dense_1'\]\.delta: expected shape \(32, 1, 4\) for kernel \(6, 4\) "
-        r"and h of shape \(32, 1, 6\), got \(32, 1, 5\)",
+        rf"stats\['Dense_1'\]\.delta: expected shape {N_T}4\) for {DENSE_1}, got \(32, 1, 5\)",
     ),
     "N of h and delta differ": (
         "Dense_0",
         lambda s: s._replace(delta=s.delta[:-1]),
-        r"stats\['Dense_0'\]\.delta: expected shape \(32, 1, 6\).*got \(31, 1, 6\)",
+        rf"stats\['Dense_0'\]\.h: expected shape \(31, 1, 5\) for {DENSE_0} and delta of shape "
+        r"\(31, 1, 6\), got \(32, 1, 5\)",
     ),
     "T of h and delta differ": (
         "Dense_0",
         lambda s: s._replace(delta=_pad(s.delta, 1)),
-        r"stats\['Dense_0'\]\.delta: expected shape \(32, 1, 6\).*got \(32, 2, 6\)",
+        rf"stats\['Dense_0'\]\.h: expected shape \(32, 2, 5\) for {DENSE_0}.*got \(32, 1, 5\)",
     ),
     "h without the positions axis": (
         "Dense_0",
         lambda s: s._replace(h=s.h[:, 0]),
-        r"stats\['Dense_0'\]\.h: expected shape \(N, T, 5\) for kernel \(5, 6\), got \(32, 5\)",
+        rf"stats\['Dense_0'\]\.h: expected shape \(32, 1, 5\) for {DENSE_0}.*got \(32, 5\)",
     ),
     "N differs between layers": (
         "Dense_1",
@@ -205,7 +245,10 @@ def test_stats_shape_mismatch(name):
 def test_updates_shape_mismatch():
     grads = dict(setup()[1])
     grads["Dense_1"] = dict(grads["Dense_1"], bias=jnp.zeros(5))
-    match = r"updates of layer 'Dense_1': bias has shape \(5,\), expected \(4,\)"
+    match = (
+        r"updates: layer 'Dense_1' \(dense\) expects a parameter 'bias' of shape \(4,\), "
+        r"got \(5,\); build the blocks with ek\.find_blocks"
+    )
     assert_rejected(ValueError, match, grads=grads)
 
 
@@ -241,7 +284,9 @@ BAD_HYPERPARAMETERS = [
     (dict(scaling="kfac"), r"scaling must be 'batch' or 'running', got 'kfac'"),
     (dict(scaling="diagonal"), r"scaling must be 'batch' or 'running', got 'diagonal'"),
     (dict(scaling_decay=1.5), r"scaling_decay must be in \[0, 1\), got 1\.5"),
-    (dict(damping_mode="levenberg"), r"damping_mode must be 'tikhonov' or 'factored'"),
+    (dict(damping_mode="levenberg"), r"damping_mode must be .*'tikhonov'.*'factored'.*'levenberg'"),
+    (dict(weight_sharing="mean"), r"weight_sharing must be .*'expand'.*'reduce'.*'mean'"),
+    (dict(fallback="adam"), r"fallback must be .*'diagonal'.*'identity'.*'adam'"),
 ]
 
 
@@ -258,29 +303,51 @@ def test_invalid_hyperparameters(factory, kwargs, match):
     make = getattr(ek, factory)
     args = (0.1,) if factory in ("ekfac", "kfac") else ()
     with pytest.raises(ValueError, match=match):
-        make(*args, **kwargs)
+        make(*args, blocks=BLOCKS, **kwargs)
     params = setup()[0]
     with pytest.raises(ValueError, match=match):
-        jax.jit(lambda p: make(*args, **kwargs).init(p))(params)
+        jax.jit(lambda p: make(*args, blocks=BLOCKS, **kwargs).init(p))(params)
+
+
+BLOCKS_TYPE = r"blocks must be the dict of BlockSpec returned by ek\.find_blocks\(loss_fn, params"
+
+
+@pytest.mark.parametrize("factory", ["scale_by_ekfac", "ekfac", "scale_by_kfac", "kfac"])
+def test_blocks_required_and_typed_layers_gone(factory):
+    """``blocks`` is a required keyword: without it, or given as anything but the dict of
+    ``ek.BlockSpec`` from ``ek.find_blocks`` (a list of paths, a string, old-style layer names
+    mapped to anything), a TypeError says how to build it. ``layers`` is no argument of the
+    optimizers any more."""
+    make = getattr(ek, factory)
+    args = (0.1,) if factory in ("ekfac", "kfac") else ()
+    with pytest.raises(TypeError, match=r"missing 1 required keyword-only argument: 'blocks'"):
+        make(*args)
+    renamed = {"Dense_9": BLOCKS["Dense_0"]}  # a BlockSpec under another layer's path
+    for bad in (["Dense_0", "Dense_1"], "Dense_0", None, {"Dense_0": "dense"}, renamed):
+        with pytest.raises(TypeError, match=BLOCKS_TYPE):
+            make(*args, blocks=bad)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'layers'"):
+        make(*args, blocks=BLOCKS, layers=["Dense_0"])
 
 
 def test_layers_given_as_a_string():
     params = setup()[0]
     with pytest.raises(TypeError, match=r"sequence of module paths.*got 'Dense_0'"):
-        ek.scale_by_ekfac(layers="Dense_0").init(params)
-    with pytest.raises(TypeError, match=r"sequence of module paths.*got 'Dense_0'"):
         ek.value_grad_and_stats(make_loss(MODEL), layers="Dense_0")(params, *data())
+    with pytest.raises(TypeError, match=BLOCKS_TYPE):
+        ek.scale_by_ekfac(blocks="Dense_0")
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernels that no captured module produces; layers=[...]
+# Parameters of no layer kind: the fallback, never an error; layers=[...] naming no block
 
 
 class OddModel(nn.Module):
-    """A kernel from no captured module (``odd``), then LayerNorm and a Dense named "head".
+    """An odd layer, then LayerNorm and a Dense named "head".
 
-    ``odd``: "DenseGeneral" (2 output axes, no bias), "DenseGeneral+bias" or "custom" (a
-    ``kernel`` param of this module itself, whose path is ``""``).
+    ``odd``: "DenseGeneral" (2 output axes, no bias), "DenseGeneral+bias" (its bias of shape
+    (2, 3)) or "custom" (a ``kernel`` param of this module itself, whose path is ``""``, used in
+    a plain matmul: no layer kind captures it).
     """
 
     odd: str = "DenseGeneral"
@@ -296,31 +363,67 @@ class OddModel(nn.Module):
         return nn.Dense(4, param_dtype=jnp.float64, name="head")(x)
 
 
-@pytest.mark.parametrize("odd", ["DenseGeneral", "custom"])
-def test_uncaptured_kernel_needs_layers(odd):
+def odd_problem(odd):
     model = OddModel(odd)
     x, y = data()
     params = init_params(model, x)
-    path = "" if odd == "custom" else "DenseGeneral_0"
-    assert sorted(ek.find_blocks(params)) == sorted([path, "head"])
-    loss_fn = make_loss(model)
-    tx = ek.ekfac(0.1, damping=1e-2)
-    state = tx.init(params)
-    _, grads, stats = jax.jit(ek.value_grad_and_stats(loss_fn))(params, x, y)
-    assert list(stats) == ["head"]
-    match = rf"layers \['{path}'\] received no stats.*pass layers=\[\.\.\.\] without these paths"
-    with pytest.raises(ValueError, match=match):
-        tx.update(grads, state, params, stats=stats)
-    with pytest.raises(ValueError, match=match):
-        jax.jit(lambda g, s, p, st: tx.update(g, s, p, stats=st))(grads, state, params, stats)
+    return model, params, blocks_of(model, params), x, y
 
-    # The same layers=[...] for both: the odd kernel falls back to the identity.
-    layers = ["head"]
-    kernel = "kernel" if odd == "custom" else "DenseGeneral_0/kernel"
-    rows = {r.split()[0]: r for r in ek.summarize(params, layers).splitlines()[1:]}
-    assert "identity" in rows[kernel] and "kronecker block 7x4 of head" in rows["head/kernel"]
-    tx = ek.ekfac(0.1, damping=1e-2, layers=layers)
-    grad_fn = ek.value_grad_and_stats(loss_fn, layers=layers)
+
+@pytest.mark.parametrize("fallback", ["diagonal", "identity"])
+def test_uncaptured_kernel_gets_the_fallback(fallback):
+    """A ``self.param`` kernel used in a plain matmul is in no block: the blocks are those of
+    the layers around it, value_grad_and_stats captures exactly those (no layers=[...] needed,
+    no "received no stats" error), and the kernel gets the fallback: ``g / (N g² + damping)`` on
+    the first step (``"diagonal"``, the default) or ``g`` (``"identity"``)."""
+    model, params, blocks, x, y = odd_problem("custom")
+    assert list(blocks) == ["LayerNorm_0", "head"]
+    assert [blocks[p].block for p in blocks] == ["diagonal", "kronecker"]
+    rows = {r.split()[0]: r for r in ek.summarize(params, blocks, fallback).splitlines()[1:]}
+    assert ("diagonal fallback" if fallback == "diagonal" else "identity") in rows["kernel"]
+    assert "kronecker block 7x4 of head" in rows["head/kernel"]
+    damping = 1e-2
+    tx = ek.ekfac(0.1, blocks=blocks, damping=damping, fallback=fallback)
+    grad_fn = ek.value_grad_and_stats(make_loss(model))
+
+    @jax.jit
+    def step(params, state, x, y):
+        _, grads, stats = grad_fn(params, x, y)
+        return grads, stats, *tx.update(grads, state, params, stats=stats)
+
+    state = tx.init(params)
+    assert list(state[0].fallback) == ([] if fallback == "identity" else ["kernel"])
+    grads, stats, updates, state = step(params, state, x, y)
+    assert sorted(stats) == ["LayerNorm_0", "head"]
+    assert list(state[0].blocks) == ["LayerNorm_0", "head"] and int(state[0].count) == 1
+    g = np.asarray(grads["kernel"])
+    if fallback == "identity":
+        np.testing.assert_array_equal(updates["kernel"], -0.1 * g)
+    else:
+        np.testing.assert_allclose(updates["kernel"], -0.1 * g / (N * g**2 + damping), rtol=1e-12)
+        np.testing.assert_allclose(state[0].fallback["kernel"], N * g**2, rtol=1e-12)
+    assert not np.allclose(updates["head"]["kernel"], -0.1 * grads["head"]["kernel"])
+
+
+@pytest.mark.parametrize("odd", ["DenseGeneral", "DenseGeneral+bias"])
+def test_dense_general_with_two_output_axes_is_a_block(odd):
+    """nn.DenseGeneral with 2 output axes (with or without its (2, 3) bias) is a Kronecker block
+    (d_out = 6), not a kernel to leave out; one jitted step preconditions it."""
+    model, params, blocks, x, y = odd_problem(odd)
+    assert list(blocks) == ["DenseGeneral_0", "LayerNorm_0", "head"]
+    spec = blocks["DenseGeneral_0"]
+    assert (spec.kind, spec.block, spec.stack, spec.d_in, spec.d_out) == (
+        "dense_general",
+        "kronecker",
+        (),
+        5,
+        6,
+    )
+    size = "6x6" if "bias" in odd else "5x6"
+    rows = {r.split()[0]: r for r in ek.summarize(params, blocks).splitlines()[1:]}
+    assert f"kronecker block {size} of DenseGeneral_0" in rows["DenseGeneral_0/kernel"]
+    tx = ek.ekfac(0.1, blocks=blocks, damping=1e-2)
+    grad_fn = ek.value_grad_and_stats(make_loss(model))
 
     @jax.jit
     def step(params, state, x, y):
@@ -328,65 +431,72 @@ def test_uncaptured_kernel_needs_layers(odd):
         return grads, *tx.update(grads, state, params, stats=stats)
 
     grads, updates, state = step(params, tx.init(params), x, y)
-    assert list(state[0].blocks) == ["head"] and int(state[0].count) == 1
-    odd_grads, odd_updates = (grads, updates) if odd == "custom" else (grads[path], updates[path])
-    np.testing.assert_array_equal(odd_updates["kernel"], -0.1 * np.asarray(odd_grads["kernel"]))
-    assert not np.allclose(updates["head"]["kernel"], -0.1 * grads["head"]["kernel"])
+    assert int(state[0].count) == 1 and not state[0].fallback
+    assert state[0].blocks["DenseGeneral_0"].scalings.shape == (int(size[0]), 6)
+    odd_grads, odd_updates = grads["DenseGeneral_0"], updates["DenseGeneral_0"]
+    for name in odd_grads:
+        assert odd_updates[name].shape == odd_grads[name].shape
+        assert not np.allclose(odd_updates[name], -0.1 * odd_grads[name])
 
 
-def test_uncaptured_kernel_with_bias_of_another_shape():
-    """nn.DenseGeneral with 2 output axes and a bias is no block: identity, listed as such."""
-    params = init_params(OddModel("DenseGeneral+bias"), data()[0])
-    assert list(ek.ekfac(0.1).init(params)[0].blocks) == ["head"]
-    rows = {row.split()[0]: row for row in ek.summarize(params).splitlines()[1:]}
-    assert "identity" in rows["DenseGeneral_0/kernel"]
-    assert "kronecker block" in rows["head/kernel"]
-    # Named explicitly, it is an error that names the layer and the way out.
-    with pytest.raises(
-        ValueError,
-        match=r"'DenseGeneral_0' has a bias of shape \(2, 3\), expected \(3,\).*remove it",
-    ):
-        ek.ekfac(0.1, layers=["DenseGeneral_0", "head"]).init(params)
-
-
-@pytest.mark.parametrize(
-    "layers, match",
-    [
-        (["head", "LayerNorm_0"], r"'LayerNorm_0' holds no kernel parameter.*\['bias', 'scale'\]"),
-        (["head", "nope"], r"'nope' holds no kernel parameter.*found None"),
-    ],
-    ids=["LayerNorm_0", "nope"],
-)
-def test_layers_naming_a_path_without_kernel(layers, match):
-    params = init_params(OddModel(), data()[0])
+def test_blocks_of_another_model_name_the_layer():
+    """Blocks found for one model given with the params of another (here: the DenseGeneral
+    without its bias): init and summarize raise a ValueError naming the layer, the expected
+    parameter and the way out."""
+    blocks = odd_problem("DenseGeneral+bias")[2]
+    params = odd_problem("DenseGeneral")[1]
+    match = (
+        r"layer 'DenseGeneral_0' \(dense_general\) expects a parameter 'bias' of shape \(2, 3\), "
+        r"got \['kernel'\]; build the blocks with ek\.find_blocks\(loss_fn, params, \*batch\)"
+    )
+    tx = ek.ekfac(0.1, blocks=blocks)
+    with pytest.raises(ValueError, match=r"init: " + match):
+        tx.init(params)
     with pytest.raises(ValueError, match=match):
-        ek.ekfac(0.1, layers=layers).init(params)
+        jax.jit(tx.init)(params)
+    with pytest.raises(ValueError, match=r"summarize: " + match):
+        ek.summarize(params, blocks)
+
+
+@pytest.mark.parametrize("path", ["nope", ""])
+def test_layers_naming_a_path_that_is_no_block(path):
+    """value_grad_and_stats(layers=[...]) with a path that is no block of the model (a missing
+    module; the custom module's own kernel, in no block) raises a ValueError naming it and the
+    model's blocks."""
+    model, params, _, x, y = odd_problem("custom")
+    f = ek.value_grad_and_stats(make_loss(model), layers=["head", path])
+    match = rf"layers \['{path}'\] are not blocks of this model \(blocks: \['LayerNorm_0', 'head'\]"
     with pytest.raises(ValueError, match=match):
-        jax.jit(ek.ekfac(0.1, layers=layers).init)(params)
+        f(params, x, y)
     with pytest.raises(ValueError, match=match):
-        ek.summarize(params, layers)
+        jax.jit(f)(params, x, y)
 
 
 # ----------------------------------------------------------------------------------------------
 # A state from another model (checkpoint mismatch)
 
 
+def state_of(widths):
+    """The initial state of ``TX``'s optimizer built for ``MLP(widths)`` instead."""
+    model = MLP(widths)
+    params = init_params(model, data()[0])
+    return ek.ekfac(0.1, blocks=blocks_of(model, params), damping=1e-2).init(params)
+
+
 def test_state_of_a_model_with_other_widths():
-    state = TX.init(init_params(MLP((7, 4)), data()[0]))
     assert_rejected(
         ValueError,
         r"does not match the layers' shapes: \{'Dense_0': 'state \(6, 7\), expected \(6, 6\)'",
-        state=state,
+        state=state_of((7, 4)),
         state_is_good=False,
     )
 
 
 def test_state_of_a_model_with_other_layers():
-    state = TX.init(init_params(MLP((6, 5, 4)), data()[0]))
     assert_rejected(
         ValueError,
-        r"layers do not match the optimizer state: only in updates \[\], "
+        r"state's layers do not match its blocks: only in blocks \[\], "
         r"only in state \['Dense_2'\]",
-        state=state,
+        state=state_of((6, 5, 4)),
         state_is_good=False,
     )

@@ -15,6 +15,7 @@ examples the same on every run (CI is deterministic).
 The regression tests at the end of the file pin the failures these properties found (all fixed).
 """
 
+import functools
 import math
 from typing import Any
 
@@ -97,9 +98,13 @@ def make_problem(model: OneLayer, example_shape: tuple, batch_size: int) -> ref.
 
 
 def run_once(problem: ref.Problem, txs: dict, params, x, y):
-    """One ``jax.jit``: the library's first update for each ``tx`` (then, for the reference, the
+    """``ek.find_blocks`` of the problem's loss on ``(x, y)``, then one ``jax.jit``: the
+    library's first update for each ``txs[key](blocks)`` (then, for the reference, the
     per-example gradients and ``h``/``delta`` of ``reference.py``, which import nothing from the
-    library). The library is traced first, so its trace-time errors are the ones raised."""
+    library). The library runs first, so its trace-time errors are the ones raised."""
+    blocks = ek.find_blocks(problem.loss_fn, params, x, y)
+    assert list(blocks) == ["layer"] and blocks["layer"].block == "kronecker"
+    txs = {key: make(blocks) for key, make in txs.items()}
     forward = reference_forward(problem.model)
     float64_params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
 
@@ -269,15 +274,22 @@ def dense_cases(draw):
 
 
 def make_tx(scaling: str, case: dict):
-    common = dict(
-        damping=case["damping"],
-        basis_update_every=case["basis_update_every"],
-        factor_decay=case["factor_decay"],
-        damping_mode=case["damping_mode"],
-    )
-    if scaling == "kfac":
-        return ek.scale_by_kfac(**common)
-    return ek.scale_by_ekfac(scaling=scaling, scaling_decay=case["scaling_decay"], **common)
+    """The transformation of ``scaling`` with the hyperparameters of ``case``, as a function of
+    the blocks (what :func:`run_once` takes)."""
+
+    def make(blocks):
+        common = dict(
+            blocks=blocks,
+            damping=case["damping"],
+            basis_update_every=case["basis_update_every"],
+            factor_decay=case["factor_decay"],
+            damping_mode=case["damping_mode"],
+        )
+        if scaling == "kfac":
+            return ek.scale_by_kfac(**common)
+        return ek.scale_by_ekfac(scaling=scaling, scaling_decay=case["scaling_decay"], **common)
+
+    return make
 
 
 def dense_problem(case: dict, dtype=jnp.float64) -> ref.Problem:
@@ -376,8 +388,8 @@ def test_conv_stats_and_update_or_clear_error(case):
     model = OneLayer(case["features"], case["use_bias"], case["kernel_size"], conv_args)
     problem = make_problem(model, (*case["spatial"], case["channels"]), case["batch"])
     txs = {
-        "batch": ek.scale_by_ekfac(damping=1e-2, factor_decay=0.0),
-        "kfac": ek.scale_by_kfac(damping=1e-2, factor_decay=0.0),
+        "batch": lambda blocks: ek.scale_by_ekfac(blocks=blocks, damping=1e-2, factor_decay=0.0),
+        "kfac": lambda blocks: ek.scale_by_kfac(blocks=blocks, damping=1e-2, factor_decay=0.0),
     }
     if case["padding"] == "CAUSAL" and len(case["spatial"]) > 1:
         event("CAUSAL 2-D: Flax's own ValueError")
@@ -504,10 +516,36 @@ BAD = {
     ),
     "damping_mode": (
         UNKNOWN_NAME.filter(lambda s: s not in MODES),
-        r"damping_mode must be 'tikhonov' or 'factored'",
+        r"damping_mode must be .*'tikhonov'.*'factored'",
     ),
+    "weight_sharing": (
+        UNKNOWN_NAME.filter(lambda s: s not in ("expand", "reduce")),
+        r"weight_sharing must be .*'expand'.*'reduce'",
+    ),
+    "fallback": (
+        UNKNOWN_NAME.filter(lambda s: s not in ("diagonal", "identity")),
+        r"fallback must be .*'diagonal'.*'identity'",
+    ),
+    # Anything but a dict of ek.BlockSpec (the empty dict is a valid, empty set of blocks).
+    "blocks": (
+        st.one_of(
+            UNKNOWN_NAME,
+            st.none(),
+            st.lists(UNKNOWN_NAME, max_size=3),
+            st.dictionaries(UNKNOWN_NAME, UNKNOWN_NAME, min_size=1, max_size=2),
+        ),
+        r"blocks must be the dict of BlockSpec returned by ek\.find_blocks",
+    ),
+    # `layers` is an argument of value_grad_and_stats only (the optimizers take `blocks`).
     "layers": (UNKNOWN_NAME, r"layers must be a sequence of module paths"),
 }
+
+
+@functools.cache
+def valid_blocks() -> dict:
+    """The blocks of a small Dense problem, for the constructors' required ``blocks``."""
+    problem = make_problem(OneLayer(2), (3,), 4)
+    return ek.find_blocks(problem.loss_fn, problem.params, *problem.data)
 
 
 @st.composite
@@ -523,17 +561,23 @@ def invalid_hyperparameters(draw):
 @given(case=invalid_hyperparameters())
 def test_invalid_hyperparameters_raise_at_construction(case):
     """Negative or NaN damping, ``basis_update_every`` below 1 or not an integer, decays outside
-    ``[0, 1)`` (NaN and ±inf included), unknown ``scaling``/``damping_mode`` strings (and the
-    internal ``"kfac"`` scaling) and ``layers`` given as a string, as Python, numpy or 0-d jax
-    numbers, raise a ``ValueError``/``TypeError`` naming the hyperparameter when the
-    transformation is constructed (no ``init``, no trace)."""
+    ``[0, 1)`` (NaN and ±inf included), unknown ``scaling``/``damping_mode``/``weight_sharing``/
+    ``fallback`` strings (and the internal ``"kfac"`` scaling), as Python, numpy or 0-d jax
+    numbers, and ``blocks`` that are not a dict of ``ek.BlockSpec``, raise a
+    ``ValueError``/``TypeError`` naming the hyperparameter when the transformation is constructed
+    (no ``init``, no trace). ``layers`` given as a string is a ``TypeError`` of
+    ``value_grad_and_stats``; the optimizers no longer take ``layers`` at all."""
     factory, name, value, match = case
     args = (0.1,) if factory in ("ekfac", "kfac") else ()
-    with pytest.raises((ValueError, TypeError), match=match):
-        getattr(ek, factory)(*args, **{name: value})
+    kwargs = {"blocks": valid_blocks(), name: value}
     if name == "layers":
         with pytest.raises(TypeError, match=match):
             ek.value_grad_and_stats(tanh_squared_loss, layers=value)
+        with pytest.raises(TypeError, match=r"unexpected keyword argument 'layers'"):
+            getattr(ek, factory)(*args, **kwargs)
+        return
+    with pytest.raises((ValueError, TypeError), match=match):
+        getattr(ek, factory)(*args, **kwargs)
 
 
 # --- Regression tests for the failures found ------------------------------------------------------
@@ -569,7 +613,7 @@ def test_regression_basis_update_every_inf_raises_value_error(factory):
     with pytest.raises(
         ValueError, match=r"basis_update_every must be an integer in \[1, 2\*\*31\)"
     ):
-        getattr(ek, factory)(*args, basis_update_every=float("inf"))
+        getattr(ek, factory)(*args, blocks=valid_blocks(), basis_update_every=float("inf"))
 
 
 def test_regression_basis_update_every_beyond_int32_is_rejected_at_construction():
@@ -578,7 +622,7 @@ def test_regression_basis_update_every_beyond_int32_is_rejected_at_construction(
     for factory in FACTORIES:
         args = (0.1,) if factory in ("ekfac", "kfac") else ()
         with pytest.raises(ValueError, match=r"basis_update_every must be an integer in"):
-            getattr(ek, factory)(*args, basis_update_every=2**31)
+            getattr(ek, factory)(*args, blocks=valid_blocks(), basis_update_every=2**31)
 
 
 @pytest.mark.parametrize(
@@ -591,4 +635,4 @@ def test_regression_basis_update_every_beyond_int32_is_rejected_at_construction(
 )
 def test_regression_wrongly_typed_number_raises_type_error_naming_it(name, value):
     with pytest.raises(TypeError, match=name):
-        ek.scale_by_ekfac(**{name: value})
+        ek.scale_by_ekfac(blocks=valid_blocks(), **{name: value})

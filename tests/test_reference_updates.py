@@ -39,6 +39,14 @@ def make_tx(method: str, **kwargs) -> optax.GradientTransformationExtraArgs:
     return ek.scale_by_kfac(**kwargs)
 
 
+def problem_blocks(problem: ref.Problem) -> dict:
+    """``ek.find_blocks`` of the problem's loss on its batch: one Kronecker block per layer."""
+    blocks = ek.find_blocks(problem.loss_fn, problem.params, *problem.data)
+    assert sorted(blocks) == sorted(problem.params)
+    assert {spec.block for spec in blocks.values()} == {"kronecker"}
+    return blocks
+
+
 def library_step(tx, loss_fn):
     """``jax.jit((params, state, x, y) -> (updates, state))``: capture, then ``tx.update``."""
 
@@ -119,8 +127,11 @@ def test_reference_kfac_factored_is_ekfac_factored_with_kfac_scalings(name):
 def first_updates(request):
     """The library's first update in every mode, ``factor_decay=0``, under one ``jax.jit``."""
     problem = ref.PROBLEMS[request.param]
+    blocks = problem_blocks(problem)
     txs = {
-        f"{method}-{mode}": make_tx(method, damping=DAMPING, factor_decay=0.0, damping_mode=mode)
+        f"{method}-{mode}": make_tx(
+            method, blocks=blocks, damping=DAMPING, factor_decay=0.0, damping_mode=mode
+        )
         for method, mode in MODES
     }
 
@@ -187,6 +198,7 @@ def test_ekfac_running_scalings_replay(name):
     problem = ref.PROBLEMS[name]
     factor_decay, scaling_decay, steps, every, learning_rate = 0.5, 0.7, 5, 3, 0.05
     tx = ek.scale_by_ekfac(
+        blocks=problem_blocks(problem),
         damping=DAMPING,
         basis_update_every=every,
         factor_decay=factor_decay,
@@ -232,7 +244,13 @@ def test_ekfac_batch_scalings_in_stale_basis(name):
     uses ``s*`` of step 1's batch in the eigenbasis of step 0's factors:
     ``((U_A ⊗ U_B) diag(s*) (U_A ⊗ U_B)ᵀ + ε I)⁻¹ g`` with ``U`` from step 0."""
     problem = ref.PROBLEMS[name]
-    tx = ek.scale_by_ekfac(damping=DAMPING, basis_update_every=2, factor_decay=0.5, scaling="batch")
+    tx = ek.scale_by_ekfac(
+        blocks=problem_blocks(problem),
+        damping=DAMPING,
+        basis_update_every=2,
+        factor_decay=0.5,
+        scaling="batch",
+    )
     step = library_step(tx, problem.loss_fn)
     params = problem.params
     (x0, y0), (x1, y1) = batches(problem, 2)

@@ -41,14 +41,31 @@ def digits_batches(steps, batch=BATCH, dtype=jnp.float32):
 NO_POISON = {"grads": 0.0, "h": 0.0, "delta": 0.0}
 
 
-def make_step(model, tx):
-    """A jitted train step; `poison[k]` is added to one number of the grads, h or delta."""
-
+def make_loss(model):
     def loss_fn(params, x, y):
         logits = model.apply({"params": params}, x).astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    grad_fn = ek.value_grad_and_stats(loss_fn)
+    return loss_fn
+
+
+def find_blocks(model, params, x, y):
+    """``ek.find_blocks`` of the loss of :func:`make_step` on a batch ``(x, y)``."""
+    return ek.find_blocks(make_loss(model), params, x, y)
+
+
+@functools.cache
+def mlp_setup(widths=(32, 10)):
+    """``MLP(widths)``, its initial params on the digits and its blocks."""
+    model = MLP(widths)
+    x, y = digits_batches(1)[0]
+    params = model.init(jax.random.key(0), x)["params"]
+    return model, params, find_blocks(model, params, x, y)
+
+
+def make_step(model, tx):
+    """A jitted train step; `poison[k]` is added to one number of the grads, h or delta."""
+    grad_fn = ek.value_grad_and_stats(make_loss(model))
 
     @jax.jit
     def step(params, opt_state, x, y, poison):
@@ -83,12 +100,11 @@ POISON = {"grads": jnp.inf, "h": jnp.inf, "delta": jnp.nan}
 @functools.cache
 def chained_step(scaling):
     """One compiled step per preconditioner, shared by the parametrized cases."""
+    common = dict(blocks=mlp_setup()[2], damping=1e-2, basis_update_every=3, factor_decay=0.9)
     precond = (
-        ek.scale_by_kfac(damping=1e-2, basis_update_every=3, factor_decay=0.9)
+        ek.scale_by_kfac(**common)
         if scaling == "kfac"
-        else ek.scale_by_ekfac(
-            damping=1e-2, basis_update_every=3, factor_decay=0.9, scaling=scaling
-        )
+        else ek.scale_by_ekfac(scaling=scaling, **common)
     )
     tx = optax.chain(precond, optax.clip_by_global_norm(1.0), optax.scale_by_learning_rate(0.1))
     return tx, make_step(MLP(), tx)
@@ -98,10 +114,9 @@ def chained_step(scaling):
 @pytest.mark.parametrize("scaling", ["batch", "running", "kfac"])
 def test_nonfinite_step_equals_skipping_the_batch(corrupt, scaling):
     """A NaN/Inf at step k leaves params and state exactly as if batch k had been skipped."""
-    model = MLP()
     tx, step = chained_step(scaling)
     batches = digits_batches(8)
-    params0 = model.init(jax.random.key(0), batches[0][0])["params"]
+    _, params0, _ = mlp_setup()
     k = 4
 
     def run(skip):
@@ -142,11 +157,10 @@ def test_nonfinite_step_equals_skipping_the_batch(corrupt, scaling):
 
 def test_apply_if_finite_wraps_ekfac_under_jit():
     """`optax.apply_if_finite` forwards `stats` and rejects the step as a whole."""
-    model = MLP()
-    tx = optax.apply_if_finite(ek.ekfac(0.1, damping=1e-2, basis_update_every=2), 3)
+    model, params, blocks = mlp_setup()
+    tx = optax.apply_if_finite(ek.ekfac(0.1, blocks=blocks, damping=1e-2, basis_update_every=2), 3)
     step = make_step(model, tx)
     batches = digits_batches(4)
-    params = model.init(jax.random.key(0), batches[0][0])["params"]
     opt_state = tx.init(params)
     losses = []
     for i, (x, y) in enumerate(batches):

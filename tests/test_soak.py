@@ -51,17 +51,21 @@ def chained(precond):
     return optax.chain(precond, optax.clip_by_global_norm(1.0), optax.scale_by_learning_rate(0.1))
 
 
+# name: the preconditioner, given the blocks of the model
 OPTIMIZERS = {
-    "ekfac": lambda: chained(ek.scale_by_ekfac(basis_update_every=10)),
-    "ekfac_ra": lambda: chained(ek.scale_by_ekfac(basis_update_every=10, scaling="running")),
-    "kfac": lambda: chained(ek.scale_by_kfac(basis_update_every=10, damping_mode="factored")),
+    "ekfac": lambda blocks: chained(ek.scale_by_ekfac(blocks=blocks, basis_update_every=10)),
+    "ekfac_ra": lambda blocks: chained(
+        ek.scale_by_ekfac(blocks=blocks, basis_update_every=10, scaling="running")
+    ),
+    "kfac": lambda blocks: chained(
+        ek.scale_by_kfac(blocks=blocks, basis_update_every=10, damping_mode="factored")
+    ),
 }
 
 
 def soak(case, optimizer):
     batch, transform, net_kwargs = CASES[case]
     model = Net(**net_kwargs)
-    tx = OPTIMIZERS[optimizer]()
     teacher = jax.random.normal(jax.random.key(7), (D_IN, CLASSES))
 
     def data(i):
@@ -81,6 +85,7 @@ def soak(case, optimizer):
         return (optax.apply_updates(params, updates), opt_state), loss
 
     params = model.init(jax.random.key(1), data(0)[0])["params"]
+    tx = OPTIMIZERS[optimizer](ek.find_blocks(loss_fn, params, *data(0)))
 
     @jax.jit
     def run(params):

@@ -131,7 +131,11 @@ def training(digits):
     }
     shapes = jax.eval_shape(MODEL.init, jax.random.key(0), x_all[:1])["params"]
     assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(np.shape, params)
-    tx = ek.ekfac(0.1, damping=1e-2, basis_update_every=5, factor_decay=0.0, scaling="batch")
+    blocks = ek.find_blocks(loss_fn, params, x_all[:BATCH], y_all[:BATCH])
+    assert list(blocks) == list(LAYERS)
+    tx = ek.ekfac(
+        0.1, blocks=blocks, damping=1e-2, basis_update_every=5, factor_decay=0.0, scaling="batch"
+    )
     grad_fn = ek.value_grad_and_stats(loss_fn)
 
     @jax.jit

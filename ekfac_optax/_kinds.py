@@ -1,0 +1,602 @@
+"""The layer-kind table: which Flax modules get which curvature block, and how.
+
+Each entry of ``KINDS`` is one kind of layer. It says how a module call is
+recognised (its class and method), what its :class:`BlockSpec` is (from the
+module's attributes, its input and its parameters), how the call's input
+becomes ``h`` and its output gradient ``delta`` (both ``(*stack, N, T, d)``:
+examples, positions, features), and how its parameters map to the block's
+matrix and back. The block types:
+
+- ``"kronecker"``: a ``(d_in + 1, d_out)`` matrix ``[W; b]`` (no bias row
+  without a bias) with factors ``A = E[h_aug h_augᵀ]``, ``B = E[delta deltaᵀ]``;
+  a leading ``stack`` axis holds independent blocks of equal shape (the groups
+  of a grouped convolution, the ``batch_dims`` of a ``DenseGeneral``).
+- ``"embed"``: a ``(vocab, d)`` embedding table, a Kronecker block whose input
+  is one-hot, so ``A = diag(token counts) / (N T)`` is stored as a vector.
+- ``"diagonal"``: the scale and shift of a normalisation layer,
+  ``[scale.ravel(); bias.ravel()]``, with exact per-example gradients
+  ``Σ_t [x̂ ⊙ delta; delta]`` from the normalised input ``x̂``.
+
+Every parameter in no block gets the fallback of the preconditioner. Adding a
+kind means adding an entry here and its tests. Layer keys are the
+``/``-joined Flax module paths.
+"""
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from ekfac_optax import _patches
+
+KERNEL = "kernel"
+BIAS = "bias"
+EMBEDDING = "embedding"
+SCALE = "scale"
+
+BlockType = Literal["kronecker", "embed", "diagonal"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """Static description of one curvature block.
+
+    Attributes:
+      path: ``/``-joined Flax module path (the key in ``stats`` and the state).
+      kind: the name of the layer kind in ``KINDS`` (``"dense"``, ``"conv"``, ...).
+      block: ``"kronecker"``, ``"embed"`` or ``"diagonal"``.
+      params: ``(name, shape)`` of each parameter of the block, in order.
+      stack: ``()``, or ``(G,)`` for ``G`` independent same-shaped Kronecker blocks.
+      d_in: fan-in without the bias coordinate (embed: the vocabulary size;
+        diagonal: the number of features ``x̂`` has).
+      d_out: fan-out (diagonal: the number of scalars, ``[scale; bias]``).
+      has_bias: whether the block has a bias (the homogeneous coordinate).
+      dtype: dtype of the curvature arrays (float32 for 16-bit params).
+      layout: the kind's own static details (axes, groups, conv geometry).
+    """
+
+    path: str
+    kind: str
+    block: BlockType
+    params: tuple[tuple[str, tuple[int, ...]], ...]
+    stack: tuple[int, ...]
+    d_in: int
+    d_out: int
+    has_bias: bool
+    dtype: Any
+    layout: Any = None
+
+    @property
+    def d_in_aug(self) -> int:
+        """Rows of the block matrix: fan-in plus one for a Kronecker block's bias."""
+        return self.d_in + int(self.has_bias and self.block == "kronecker")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names of the block's parameters."""
+        return tuple(name for name, _ in self.params)
+
+    def describe(self) -> str:
+        """How ``summarize`` names the block."""
+        where = self.path or "<root>"
+        if self.block == "diagonal":
+            return f"diagonal block ({self.d_out} scalars) of {where} [{self.kind}]"
+        if self.block == "embed":
+            return f"embedding block {self.d_in}x{self.d_out} (diagonal input factor) of {where}"
+        size = f"{self.d_in_aug}x{self.d_out}"
+        if self.stack:
+            size = f"{'x'.join(map(str, self.stack))} stacked {size}"
+        return f"kronecker block {size} of {where} [{self.kind}]"
+
+
+def curvature_dtype(dtype: Any) -> Any:
+    """float32 for 16-bit parameters, the parameters' own dtype otherwise."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
+
+
+def path_key(path: Sequence[Any]) -> str:
+    """The ``/``-joined key of a Flax module path or a parameter-tree path."""
+    return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
+def leaf_location(key_path: Sequence[Any]) -> tuple[str, str]:
+    """``(module path, parameter name)`` of a leaf's parameter-tree path."""
+    return path_key(key_path[:-1]), path_key(key_path[-1:])
+
+
+def subtree(params: Mapping[str, Any], path: str) -> Any:
+    """The node of a parameter-like tree at a ``/``-joined module path, or None."""
+    node = params
+    for name in path.split("/") if path else ():
+        if not isinstance(node, Mapping) or name not in node:
+            return None
+        node = node[name]
+    return node
+
+
+def layer_paths(layers: Any) -> tuple[str, ...] | None:
+    """Validates ``layers``: ``None`` or an iterable of module paths (a dict: its keys)."""
+    if layers is None:
+        return None
+    if isinstance(layers, str) or not all(isinstance(p, str) for p in layers):
+        raise TypeError(f"layers must be a sequence of module paths (strings), got {layers!r}")
+    return tuple(layers)
+
+
+def _params_of(module: nn.Module, names: Sequence[str]) -> dict[str, Any]:
+    params = module.variables.get("params", {})
+    return {name: params[name] for name in names if name in params}
+
+
+def _spec(path, kind, block, params, *, stack=(), d_in, d_out, layout=None) -> "BlockSpec":
+    names = tuple(params)
+    return BlockSpec(
+        path=path,
+        kind=kind,
+        block=block,
+        params=tuple((name, tuple(jnp.shape(params[name]))) for name in names),
+        stack=tuple(stack),
+        d_in=int(d_in),
+        d_out=int(d_out),
+        has_bias=BIAS in params,
+        dtype=curvature_dtype(jnp.result_type(*params.values())),
+        layout=layout,
+    )
+
+
+def _need_batch_axis(path: str, x: Any, ndim: int, what: str) -> None:
+    if jnp.ndim(x) < ndim:
+        raise ValueError(
+            f"value_grad_and_stats: layer {path!r} was called on an input of shape "
+            f"{jnp.shape(x)}; captured layers need a leading batch axis ({what}: at least "
+            f"{ndim} axes)"
+        )
+
+
+class _Kind:
+    """The interface of a kind; see the module docstring."""
+
+    name: str
+    block: BlockType
+    modules: tuple[type, ...] = ()
+    method: str = "__call__"
+
+    def matches(self, module: nn.Module, method: str) -> bool:
+        return method == self.method and isinstance(module, self.modules)
+
+    def spec(self, path: str, module: nn.Module, x: Any) -> "BlockSpec | str":
+        """The block of a call, or the reason why its parameters fall back."""
+        raise NotImplementedError
+
+    def inputs(self, spec: BlockSpec, module: nn.Module, args, kwargs) -> jax.Array:
+        """``h``: ``(*stack, N, T, d_in)`` (embed: ``(N, T)`` token ids)."""
+        raise NotImplementedError
+
+    def outputs(self, spec: BlockSpec, grad: jax.Array) -> jax.Array:
+        """``delta``: the output gradient ``(*stack, N, T, d_out)``."""
+        return grad.reshape(grad.shape[0], -1, spec.d_out)
+
+    def weights(self, spec: BlockSpec, node: Mapping[str, jax.Array]) -> jax.Array:
+        """The kernel as ``(*stack, d_in, d_out)``."""
+        return jnp.reshape(node[KERNEL], (*spec.stack, spec.d_in, spec.d_out))
+
+    def kernel_like(self, spec: BlockSpec, matrix: jax.Array, like: jax.Array) -> jax.Array:
+        """Inverse of :meth:`weights`."""
+        return jnp.reshape(matrix, like.shape)
+
+
+def first_input(args, kwargs) -> Any:
+    return args[0] if args else kwargs["inputs"]
+
+
+class _Dense(_Kind):
+    name, block, modules = "dense", "kronecker", (nn.Dense,)
+
+    def spec(self, path, module, x):
+        _need_batch_axis(path, x, 2, "(batch, ..., features)")
+        params = _params_of(module, (KERNEL, BIAS))
+        kernel = params[KERNEL]
+        return _spec(
+            path, self.name, self.block, params, d_in=kernel.shape[0], d_out=kernel.shape[1]
+        )
+
+    def inputs(self, spec, module, args, kwargs):
+        x = first_input(args, kwargs)
+        return x.reshape(x.shape[0], -1, spec.d_in)
+
+
+def _axes(axes: Any, ndim: int) -> tuple[int, ...]:
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    return tuple(sorted(a % ndim for a in axes))
+
+
+class _DenseGeneral(_Kind):
+    """``nn.DenseGeneral``: the contracted axes are the fan-in, the features the fan-out, the
+    ``batch_dims`` (leading, consecutive) index a stack of blocks, the axis after them holds the
+    examples and the others are positions. ``layout`` is ``(batch_dims, axis)`` with ``axis``
+    counted from the end, so that calls on inputs of other ranks share the block."""
+
+    name, block, modules = "dense_general", "kronecker", (nn.DenseGeneral,)
+
+    def spec(self, path, module, x):
+        ndim = jnp.ndim(x)
+        batch_dims = _axes(module.batch_dims, ndim) if module.batch_dims else ()
+        _need_batch_axis(path, x, len(batch_dims) + 2, "(batch_dims..., batch, ..., features)")
+        axis = _axes(module.axis, ndim)
+        if len(batch_dims) in axis:
+            return f"DenseGeneral contracts axis {len(batch_dims)}, its example axis"
+        params = _params_of(module, (KERNEL, BIAS))
+        shape = jnp.shape(x)
+        return _spec(
+            path,
+            self.name,
+            self.block,
+            params,
+            stack=(math.prod(shape[a] for a in batch_dims),) if batch_dims else (),
+            d_in=math.prod(shape[a] for a in axis),
+            d_out=math.prod(jnp.shape(params[KERNEL])[len(batch_dims) + len(axis) :]),
+            layout=(batch_dims, tuple(a - ndim for a in axis)),
+        )
+
+    def inputs(self, spec, module, args, kwargs):
+        x = first_input(args, kwargs)
+        batch_dims, axis = spec.layout
+        axis = tuple(a % x.ndim for a in axis)
+        x = jnp.moveaxis(x, axis, range(x.ndim - len(axis), x.ndim))
+        return x.reshape(*spec.stack, x.shape[len(batch_dims)], -1, spec.d_in)
+
+    def outputs(self, spec, grad):
+        lead = len(spec.layout[0])
+        return grad.reshape(*spec.stack, grad.shape[lead], -1, spec.d_out)
+
+
+class _Conv(_Kind):
+    """``nn.Conv`` with ``feature_group_count = G``: ``G`` blocks (stacked when ``G > 1``) of the
+    SUA patches of each group's input channels; ``layout`` is ``(geometry, G)``."""
+
+    name, block, modules = "conv", "kronecker", (nn.Conv,)
+
+    def geometry(self, module):
+        return _patches.conv_geometry(module)
+
+    def spec(self, path, module, x):
+        geometry = self.geometry(module)
+        rank = len(geometry.kernel_size)
+        _need_batch_axis(path, x, rank + 2, "(batch, spatial..., channels)")
+        if module.mask is not None:
+            return f"{type(module).__name__} with a mask"
+        groups = getattr(module, "feature_group_count", 1)
+        params = _params_of(module, (KERNEL, BIAS))
+        kernel_shape = jnp.shape(params[KERNEL])
+        d_out = kernel_shape[-1] // groups
+        return _spec(
+            path,
+            self.name,
+            self.block,
+            params,
+            stack=(groups,) if groups > 1 else (),
+            d_in=math.prod(kernel_shape[:-1]),
+            d_out=d_out,
+            layout=(geometry, groups),
+        )
+
+    def inputs(self, spec, module, args, kwargs):
+        x = first_input(args, kwargs)
+        geometry, groups = spec.layout[:2]
+        h = _patches.patches(geometry, x)
+        h = h.reshape(x.shape[0], -1, h.shape[-1])
+        if groups == 1:
+            return h
+        # Features are offset-major, channel-minor: split each offset's channels by group.
+        n, t, _ = h.shape
+        h = h.reshape(n, t, math.prod(geometry.kernel_size), groups, -1)
+        return jnp.moveaxis(h, 3, 0).reshape(groups, n, t, spec.d_in)
+
+    def outputs(self, spec, grad):
+        groups = spec.layout[1]
+        if groups == 1:
+            return grad.reshape(grad.shape[0], -1, spec.d_out)
+        return jnp.moveaxis(grad.reshape(grad.shape[0], -1, groups, spec.d_out), 2, 0)
+
+    def weights(self, spec, node):
+        kernel = node[KERNEL]
+        groups = spec.layout[1]
+        if groups == 1:
+            return jnp.reshape(kernel, (spec.d_in, spec.d_out))
+        matrix = jnp.reshape(kernel, (spec.d_in, groups, spec.d_out))
+        return jnp.moveaxis(matrix, 1, 0)
+
+    def kernel_like(self, spec, matrix, like):
+        if spec.layout[1] > 1:
+            matrix = jnp.moveaxis(matrix, 0, 1)
+        return jnp.reshape(matrix, like.shape)
+
+
+class _ConvTranspose(_Conv):
+    """``nn.ConvTranspose``: the convolution with unit strides of the input dilated by the
+    strides that ``lax.conv_transpose`` runs. With ``transpose_kernel`` the kernel is used
+    flipped in space with its channel axes swapped; the block matrix is that of the kernel
+    actually applied."""
+
+    name, block, modules = "conv_transpose", "kronecker", (nn.ConvTranspose,)
+
+    def geometry(self, module):
+        return _patches.conv_transpose_geometry(module)
+
+    def spec(self, path, module, x):
+        padding = module.padding
+        if isinstance(padding, str) and padding.upper() == "CIRCULAR":
+            return "ConvTranspose with CIRCULAR padding (its output is wrapped after the product)"
+        spec = super().spec(path, module, x)
+        if isinstance(spec, str):
+            return spec
+        kernel_shape = dict(spec.params)[KERNEL]
+        c_in, c_out = kernel_shape[-2:][:: -1 if module.transpose_kernel else 1]
+        return dataclasses.replace(
+            spec,
+            d_in=math.prod(kernel_shape[:-2]) * c_in,
+            d_out=c_out,
+            layout=(*spec.layout, bool(module.transpose_kernel)),
+        )
+
+    def _applied(self, kernel, transpose_kernel):
+        if not transpose_kernel:
+            return kernel
+        spatial = tuple(range(kernel.ndim - 2))
+        return jnp.swapaxes(jnp.flip(kernel, spatial), -1, -2)
+
+    def weights(self, spec, node):
+        applied = self._applied(node[KERNEL], spec.layout[2])
+        return jnp.reshape(applied, (spec.d_in, spec.d_out))
+
+    def kernel_like(self, spec, matrix, like):
+        shape = like.shape[:-2] + like.shape[-2:][:: -1 if spec.layout[2] else 1]
+        return self._applied(jnp.reshape(matrix, shape), spec.layout[2])
+
+
+class _Embed(_Kind):
+    """``nn.Embed`` called on integer ids: ``h`` are the ids, ``(N, T)``."""
+
+    name, block, modules = "embed", "embed", (nn.Embed,)
+
+    def spec(self, path, module, x):
+        dtype = jnp.result_type(x)
+        if not jnp.issubdtype(dtype, jnp.integer):
+            raise ValueError(
+                f"value_grad_and_stats: nn.Embed {path!r} expects integer token ids of shape "
+                f"(batch, ...), got {dtype} of shape {jnp.shape(x)}"
+            )
+        _need_batch_axis(path, x, 1, "(batch, ...) token ids")
+        params = _params_of(module, (EMBEDDING,))
+        vocab, features = jnp.shape(params[EMBEDDING])
+        return _spec(path, self.name, self.block, params, d_in=vocab, d_out=features)
+
+    def inputs(self, spec, module, args, kwargs):
+        x = first_input(args, kwargs)
+        return x.reshape(x.shape[0], -1).astype(jnp.int32)
+
+    def weights(self, spec, node):
+        return node[EMBEDDING]
+
+
+class _EmbedAttend(_Kind):
+    """``nn.Embed.attend`` (a tied output layer): its embedding then has two roles."""
+
+    name, block, modules, method = "embed_attend", "embed", (nn.Embed,), "attend"
+
+    def spec(self, path, module, x):
+        return "nn.Embed used through attend (a tied output layer)"
+
+
+class _ScaleAndShift(_Kind):
+    """Scale and shift of a normalisation layer: ``h = x̂``, the output with unit scale and zero
+    shift (the module itself, applied with those parameters), features moved last;
+    ``layout`` is the feature axes."""
+
+    name, block = "scale_and_shift", "diagonal"
+    modules = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm, nn.GroupNorm, nn.InstanceNorm)
+
+    def feature_axes(self, module, ndim):
+        if isinstance(module, nn.BatchNorm):
+            return _axes(module.axis, ndim)
+        if isinstance(module, nn.GroupNorm):
+            return (ndim - 1,)
+        return _axes(module.feature_axes, ndim)
+
+    def spec(self, path, module, x):
+        _need_batch_axis(path, x, 2, "(batch, ..., features)")
+        params = _params_of(module, (SCALE, BIAS))
+        if not params:
+            return "normalisation without scale or bias"
+        axes = self.feature_axes(module, jnp.ndim(x))
+        if 0 in axes:
+            return "normalisation whose features include the batch axis"
+        features = math.prod(jnp.shape(x)[a] for a in axes)
+        return _spec(
+            path,
+            self.name,
+            self.block,
+            params,
+            d_in=features,
+            d_out=features * len(params),
+            layout=tuple(a - jnp.ndim(x) for a in axes),
+        )
+
+    def inputs(self, spec, module, args, kwargs):
+        variables = dict(module.variables)
+        variables["params"] = {
+            name: jnp.ones_like(p) if name == SCALE else jnp.zeros_like(p)
+            for name, p in variables["params"].items()
+        }
+        normalised = module.clone(parent=None).apply(variables, *args, **kwargs, mutable=True)[0]
+        return self.outputs(spec, normalised)
+
+    def outputs(self, spec, grad):
+        axes = tuple(a % grad.ndim for a in spec.layout)
+        grad = jnp.moveaxis(grad, axes, range(grad.ndim - len(axes), grad.ndim))
+        return grad.reshape(grad.shape[0], -1, spec.d_in)
+
+
+KINDS: tuple[_Kind, ...] = (
+    _Dense(),
+    _DenseGeneral(),
+    _Conv(),
+    _ConvTranspose(),
+    _Embed(),
+    _EmbedAttend(),
+    _ScaleAndShift(),
+)
+BY_NAME: dict[str, _Kind] = {kind.name: kind for kind in KINDS}
+
+
+def kind_of(module: nn.Module, method: str) -> _Kind | None:
+    """The kind of a module call, None for a call that is not a layer of the table."""
+    for kind in KINDS:
+        if kind.matches(module, method):
+            return kind
+    return None
+
+
+# --- The block matrix of a spec's parameters, and back --------------------------------------------
+
+
+def to_matrix(node: Mapping[str, jax.Array], spec: BlockSpec) -> jax.Array:
+    """A block's parameters as its matrix, in the curvature dtype.
+
+    Kronecker: ``[W; b]`` of shape ``(*stack, d_in_aug, d_out)``; embed: ``(vocab, d)``;
+    diagonal: ``[scale.ravel(); bias.ravel()]`` of shape ``(d_out,)``.
+    """
+    if spec.block == "diagonal":
+        return jnp.concatenate([jnp.ravel(node[n]).astype(spec.dtype) for n in spec.names])
+    kind = BY_NAME[spec.kind]
+    kernel = kind.weights(spec, node).astype(spec.dtype)
+    if not spec.has_bias:
+        return kernel
+    bias = jnp.reshape(node[BIAS], (*spec.stack, 1, spec.d_out)).astype(spec.dtype)
+    return jnp.concatenate([kernel, bias], axis=-2)
+
+
+def from_matrix(matrix: jax.Array, like: Mapping[str, jax.Array], spec: BlockSpec) -> dict:
+    """Inverse of :func:`to_matrix`, with the shapes and dtypes of ``like``."""
+    out = dict(like)
+    if spec.block == "diagonal":
+        offset = 0
+        for name in spec.names:
+            size = math.prod(jnp.shape(like[name]))
+            part = matrix[offset : offset + size]
+            out[name] = jnp.reshape(part, jnp.shape(like[name])).astype(like[name].dtype)
+            offset += size
+        return out
+    kind = BY_NAME[spec.kind]
+    weight = EMBEDDING if spec.block == "embed" else KERNEL
+    kernel = kind.kernel_like(spec, matrix[..., : spec.d_in, :], like[weight])
+    out[weight] = kernel.astype(like[weight].dtype)
+    if spec.has_bias:
+        bias = matrix[..., spec.d_in, :]
+        out[BIAS] = jnp.reshape(bias, jnp.shape(like[BIAS])).astype(like[BIAS].dtype)
+    return out
+
+
+def replace_blocks(tree: Any, new_layers: Mapping[str, Mapping[str, jax.Array]]) -> Any:
+    """``tree`` with the leaves of each layer in ``new_layers`` replaced; structure kept."""
+
+    def pick(key_path, leaf):
+        layer, name = leaf_location(key_path)
+        return new_layers.get(layer, {}).get(name, leaf)
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def fallback_leaves(params: Any, blocks: Mapping[str, BlockSpec]) -> dict[str, Any]:
+    """``{leaf path: leaf}`` of every parameter in no block."""
+    out = {}
+    for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        layer, name = leaf_location(key_path)
+        spec = blocks.get(layer)
+        if spec is None or name not in spec.names:
+            out[path_key(key_path)] = leaf
+    return out
+
+
+def block_labels(params: Any, blocks: Mapping[str, BlockSpec]) -> Any:
+    """``"block"`` for each parameter in one of ``blocks``, ``"fallback"`` for the others.
+
+    The labels for ``optax.multi_transform``, to send the parameters in no block (or
+    in blocks left out of ``blocks``) to another optimizer.
+
+    Args:
+      params: the parameter tree.
+      blocks: the blocks given to the preconditioner.
+
+    Returns:
+      A tree of the structure of ``params`` with a string at each leaf.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
+      >>> import ekfac_optax as ek
+      >>> model = nn.Sequential([nn.Embed(10, 4), nn.Dense(10)])
+      >>> ids = jnp.zeros((2, 3), jnp.int32)
+      >>> params = model.init(jax.random.key(0), ids)["params"]
+      >>> def loss_fn(params, ids):
+      ...     logits = model.apply({"params": params}, ids)
+      ...     return optax.softmax_cross_entropy_with_integer_labels(logits, ids).mean()
+      >>> blocks = ek.find_blocks(loss_fn, params, ids)
+      >>> dense = {path: spec for path, spec in blocks.items() if spec.kind == "dense"}
+      >>> ek.block_labels(params, dense)
+      {'layers_0': {'embedding': 'fallback'}, 'layers_1': {'bias': 'block', 'kernel': 'block'}}
+    """
+
+    def label(key_path, _):
+        layer, name = leaf_location(key_path)
+        return "block" if layer in blocks and name in blocks[layer].names else "fallback"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def check_params(params: Any, blocks: Mapping[str, BlockSpec], where: str) -> None:
+    """Raises a ValueError naming the layer if ``params`` lacks a block's parameter or shape."""
+    for path, spec in blocks.items():
+        node = subtree(params, path)
+        for name, shape in spec.params:
+            actual = None
+            if isinstance(node, Mapping) and name in node:
+                actual = tuple(jnp.shape(node[name]))
+            if actual != shape:
+                found = sorted(node) if isinstance(node, Mapping) else node
+                raise ValueError(
+                    f"{where}: layer {path!r} ({spec.kind}) expects a parameter {name!r} of "
+                    f"shape {shape}, got {actual if actual is not None else found}; build the "
+                    "blocks with ek.find_blocks(loss_fn, params, *batch) for these params"
+                )
+
+
+def summarize(params: Any, blocks: Mapping[str, BlockSpec], fallback: str = "diagonal") -> str:
+    """A readable table of how each parameter is preconditioned.
+
+    Args:
+      params: the parameter tree given to ``tx.init``.
+      blocks: the blocks given to the preconditioner (from ``ek.find_blocks``).
+      fallback: the preconditioner's ``fallback`` argument.
+
+    Returns:
+      A multi-line string: one row per parameter with its path, shape and
+      treatment: its block (type, size, layer and kind), or the fallback.
+    """
+    check_params(params, blocks, "summarize")
+    how_else = {
+        "diagonal": "diagonal fallback (running N g², in no block)",
+        "identity": "identity (fallback='identity': not preconditioned)",
+    }[fallback]
+    rows = [("parameter", "shape", "preconditioning")]
+    for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        layer, name = leaf_location(key_path)
+        spec = blocks.get(layer)
+        how = spec.describe() if spec is not None and name in spec.names else how_else
+        rows.append((path_key(key_path), str(tuple(jnp.shape(leaf))), how))
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows)
