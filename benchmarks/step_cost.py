@@ -361,7 +361,7 @@ def component_seconds(problem: Problem, reps: int) -> dict[str, float]:
     The factors and eigenbases come from the problem's own batch, so ``eigh`` sees the spectra
     of real covariances (on CPU much slower to decompose than random matrices).
     """
-    from ekfac_optax import _eigenbasis, _factors, _kinds, _scalings
+    from ekfac_optax import _blocks, _eigenbasis, _factors, _kinds, _scalings
 
     loss_fn = softmax_loss(problem)
     specs = problem.blocks
@@ -384,7 +384,7 @@ def component_seconds(problem: Problem, reps: int) -> dict[str, float]:
         for p, spec in specs.items():
             basis_a, basis_b = bases[p]
             g = _eigenbasis.to_eigenbasis(
-                _kinds.to_matrix(_kinds.subtree(grads, p), spec), basis_a, basis_b
+                _kinds.to_matrix(_blocks.subtree(grads, p), spec), basis_a, basis_b
             )
             out[p] = _eigenbasis.from_eigenbasis(g / (g * g + 1.0), basis_a, basis_b)
         return out

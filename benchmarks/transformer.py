@@ -106,9 +106,9 @@ TASK_TITLES = {
     "reverse": "sequence reversal (transformer)",
     "cnn": "digits CNN with BatchNorm and a depthwise conv",
 }
-DEFAULT_LRS = (0.3, 0.1, 0.03)
-DEFAULT_DAMPINGS = (1e-3, 1e-2, 1e-1)
-DEFAULT_ADAM_LRS = (3e-3, 1e-3, 3e-4)
+DEFAULT_LRS = (3.0, 1.0, 0.3)
+DEFAULT_DAMPINGS = (1e-5, 1e-4, 1e-3)
+DEFAULT_ADAM_LRS = (1e-2, 3e-3, 1e-3)
 HYBRID_ADAM_RATIO = 0.01  # the hybrid's Adam learning rate is this times its EKFAC learning rate
 ADAMW_WEIGHT_DECAY = 0.01
 FACTOR_DECAY = 0.95
@@ -941,9 +941,9 @@ def parse_args(argv):
     parser.add_argument("--methods", default=None,
                         help=f"comma list of {', '.join(METHODS)} (default all)")  # fmt: skip
     parser.add_argument("--epochs", type=int, default=None, help="epochs of every task")
-    parser.add_argument("--lrs", default=None, help="Kronecker learning rates (0.3,0.1,0.03)")
-    parser.add_argument("--dampings", default=None, help="comma list (0.001,0.01,0.1)")
-    parser.add_argument("--adam-lrs", default=None, help="comma list (0.003,0.001,0.0003)")
+    parser.add_argument("--lrs", default=None, help="Kronecker learning rates (3,1,0.3)")
+    parser.add_argument("--dampings", default=None, help="comma list (0.00001,0.0001,0.001)")
+    parser.add_argument("--adam-lrs", default=None, help="comma list (0.01,0.003,0.001)")
     parser.add_argument("--no-clip", dest="clip", action="store_false",
                         help="no clip_by_global_norm(1.0) in the Kronecker methods")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)

@@ -5,9 +5,9 @@ Gradient Descent in a Kronecker-factored Eigenbasis. NeurIPS 2018.
 """
 
 from ekfac_optax._alias import ekfac, kfac
+from ekfac_optax._blocks import BlockSpec, block_labels, summarize
 from ekfac_optax._capture import LayerStats, find_blocks, value_grad_and_stats
 from ekfac_optax._checkpoint import restore_state, save_state
-from ekfac_optax._kinds import BlockSpec, block_labels, summarize
 from ekfac_optax._transform import (
     BlockState,
     DiagonalState,

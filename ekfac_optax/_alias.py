@@ -7,14 +7,14 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from ekfac_optax import _factors, _kinds, _scalings
+from ekfac_optax import _blocks, _factors, _scalings
 from ekfac_optax._transform import Fallback, ScalarOrSchedule, scale_by_ekfac, scale_by_kfac
 
 
 def ekfac(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    blocks: Mapping[str, _kinds.BlockSpec],
+    blocks: Mapping[str, _blocks.BlockSpec],
     damping: ScalarOrSchedule = 1e-3,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
@@ -55,7 +55,7 @@ def ekfac(
 def kfac(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    blocks: Mapping[str, _kinds.BlockSpec],
+    blocks: Mapping[str, _blocks.BlockSpec],
     damping: ScalarOrSchedule = 1e-3,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,

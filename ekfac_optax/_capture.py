@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ekfac_optax import _kinds
+from ekfac_optax import _blocks, _kinds
 
 
 class LayerStats(NamedTuple):
@@ -59,7 +59,7 @@ class _Interceptor:
 
     def __call__(self, next_fun, args, kwargs, context):
         kind = None if self.busy else _kinds.kind_of(context.module, context.method_name)
-        path = _kinds.path_key(context.module.path)
+        path = _blocks.path_key(context.module.path)
         if kind is None or (self.blocks is not None and path not in self.blocks):
             return next_fun(*args, **kwargs)
         x = _kinds.first_input(args, kwargs)
@@ -86,7 +86,7 @@ class _Interceptor:
         return out
 
 
-def _resolve(found: dict[str, list]) -> tuple[dict[str, _kinds.BlockSpec], dict[str, str]]:
+def _resolve(found: dict[str, list]) -> tuple[dict[str, _blocks.BlockSpec], dict[str, str]]:
     """The blocks of the abstract pass, and why each other captured path falls back."""
     blocks, reasons = {}, {}
     for path in sorted(found):
@@ -187,7 +187,7 @@ def value_grad_and_stats(
       with respect to ``params`` and ``stats`` a dict from module path to
       :class:`LayerStats`.
     """
-    layers = _kinds.layer_paths(layers)
+    layers = _blocks.layer_paths(layers)
 
     def f(params, *args, **kwargs):
         # Pass 1 (abstract, no FLOPs): the blocks and their output shapes.

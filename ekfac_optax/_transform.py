@@ -1,6 +1,6 @@
 """EKFAC, EKFAC-ra and KFAC as optax gradient transformations.
 
-Per Kronecker block (see ``_layers``) with ``h_aug = [h; 1]`` and output
+Per Kronecker block (see ``_kinds``) with ``h_aug = [h; 1]`` and output
 gradients ``delta``, the per-example gradient is
 ``G_n = Σ_t h_aug_{n,t} delta_{n,t}ᵀ`` and the update is
 ``U_A [(U_Aᵀ g U_B) / (s + damping)] U_Bᵀ`` where ``U_A``, ``U_B`` are the
@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from ekfac_optax import _eigenbasis, _factors, _kinds, _scalings, _validation
+from ekfac_optax import _blocks, _factors, _kinds, _scalings, _stages, _validation
 
-Scaling = Literal["batch", "running", "kfac"]
+Scaling = _stages.Scaling
 Fallback = Literal["diagonal", "identity"]
 ScalarOrSchedule = jax.typing.ArrayLike | optax.Schedule
 
@@ -113,7 +113,7 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
 
 
-def _init_block(spec: _kinds.BlockSpec) -> BlockState | EmbedState | DiagonalState:
+def _init_block(spec: _blocks.BlockSpec) -> BlockState | EmbedState | DiagonalState:
     a, b, dtype = spec.d_in_aug, spec.d_out, spec.dtype
     if spec.block == "diagonal":
         return DiagonalState(scalings=jnp.zeros((b,), dtype))
@@ -139,176 +139,20 @@ def _init_block(spec: _kinds.BlockSpec) -> BlockState | EmbedState | DiagonalSta
     )
 
 
-def _stacked(fn, spec: _kinds.BlockSpec):
-    """``fn`` of one Kronecker block, mapped over the leading axis of a stacked block."""
-    return jax.vmap(fn) if spec.stack else fn
-
-
-class _Config(NamedTuple):
-    """The static configuration the stages share."""
-
-    scaling: Scaling
-    scaling_decay: Any
-    factor_decay: Any
-    damping_mode: _scalings.DampingMode
-    weight_sharing: _factors.WeightSharing
-
-
-def _new_factors(spec, block, h, delta, count, config: _Config):
-    """Stage 1: the moving averages of the factors, with this batch's ``h`` and ``delta``."""
-    if spec.block == "diagonal":
-        return block
-    if spec.block == "embed":
-        new_a = _factors.token_frequencies(h, spec.d_in, spec.dtype)
-        new_b = _factors.factor_b(delta)
-    else:
-
-        def one(h, delta):
-            h, delta = _factors.shared(h, delta, config.weight_sharing)
-            return _factors.factor_a(h, spec.has_bias), _factors.factor_b(delta)
-
-        new_a, new_b = _stacked(one, spec)(h, delta)
-    return block._replace(
-        factor_a=_factors.debiased_ema(block.factor_a, new_a, config.factor_decay, count),
-        factor_b=_factors.debiased_ema(block.factor_b, new_b, config.factor_decay, count),
-    )
-
-
-def _positions(spec, h, config: _Config) -> int:
-    """``T`` of KFAC's ``T · S_A ⊗ S_B``: 1 for K-FAC-reduce (an embedding always expands)."""
-    if config.weight_sharing == "reduce" and spec.block == "kronecker":
-        return 1
-    return h.shape[-1] if spec.block == "embed" else h.shape[-2]
-
-
-def _new_bases(specs, blocks, h, mesh, config: _Config):
-    """Stage 2: the eigenbases of the factors; the scalings restart from KFAC's eigenvalues."""
-    kron = [p for p, s in specs.items() if s.block == "kronecker"]
-    embed = [p for p, s in specs.items() if s.block == "embed"]
-    factors = [f for p in kron for f in (blocks[p].factor_a, blocks[p].factor_b)]
-    factors += [blocks[p].factor_b for p in embed]
-    fallbacks = [
-        pair
-        for p in kron
-        for pair in (
-            (blocks[p].eigvals_a, blocks[p].basis_a),
-            (blocks[p].eigvals_b, blocks[p].basis_b),
-        )
-    ]
-    fallbacks += [(blocks[p].eigvals_b, blocks[p].basis_b) for p in embed]
-    decomposed = iter(_eigenbasis.eigh_all(factors, fallbacks, mesh))
-    out = dict(blocks)
-    for path in kron:
-        (eigvals_a, basis_a), (eigvals_b, basis_b) = next(decomposed), next(decomposed)
-        positions = _positions(specs[path], h[path], config)
-        kfac = _stacked(
-            functools.partial(_scalings.kfac_scalings, positions=positions), specs[path]
-        )
-        out[path] = blocks[path]._replace(
-            eigvals_a=eigvals_a,
-            basis_a=basis_a,
-            eigvals_b=eigvals_b,
-            basis_b=basis_b,
-            scalings=kfac(eigvals_a, eigvals_b),
-        )
-    for path in embed:
-        eigvals_b, basis_b = next(decomposed)
-        eigvals_a = blocks[path].factor_a
-        positions = _positions(specs[path], h[path], config)
-        out[path] = blocks[path]._replace(
-            eigvals_a=eigvals_a,
-            eigvals_b=eigvals_b,
-            basis_b=basis_b,
-            scalings=_scalings.kfac_scalings(eigvals_a, eigvals_b, positions),
-        )
-    return out
-
-
-def _kfe_scalings(block, grad_kfe, batch, n, positions, config: _Config):
-    """The scalings of the configured rule; ``batch()`` computes this batch's ``s*``."""
-    if config.scaling == "batch":
-        return batch()
-    if config.scaling == "running":
-        return _scalings.running_scalings(block.scalings, grad_kfe, n, config.scaling_decay)
-    return _scalings.kfac_scalings(block.eigvals_a, block.eigvals_b, positions)
-
-
-def _divide(grad_kfe, scalings, block, damping, positions, config: _Config):
-    denominator = _scalings.damped(
-        scalings, damping, block.eigvals_a, block.eigvals_b, positions, config.damping_mode
-    )
-    return _scalings.divide(grad_kfe, denominator, damping)
-
-
-def _precondition(spec, block, grad, h, delta, n, count, damping, config: _Config):
-    """Stage 3: one block's update in the parameter basis, and its new state."""
-    if spec.block == "diagonal":
-        if config.scaling == "running":
-            scalings = _factors.debiased_ema(
-                block.scalings, n * grad**2, config.scaling_decay, count
-            )
-        else:
-            per_example = _scalings.scale_and_shift_grads(h, delta, spec.names)
-            scalings = jnp.mean(per_example**2, axis=0)
-            if config.scaling == "kfac":
-                scalings = _factors.debiased_ema(
-                    block.scalings, scalings, config.factor_decay, count
-                )
-        update = _scalings.divide(grad, scalings + jnp.asarray(damping, grad.dtype), damping)
-        return update, block._replace(scalings=scalings)
-    positions = _positions(spec, h, config)
-    if spec.block == "embed":
-        grad_kfe = grad @ block.basis_b
-
-        def batch():
-            return _scalings.embedding_batch_scalings(h, delta @ block.basis_b, spec.d_in)
-
-        scalings = _kfe_scalings(block, grad_kfe, batch, n, positions, config)
-        divided = _divide(grad_kfe, scalings, block, damping, positions, config)
-        return divided @ block.basis_b.T, block._replace(scalings=scalings)
-
-    def one(block, grad, h, delta):
-        grad_kfe = _eigenbasis.to_eigenbasis(grad, block.basis_a, block.basis_b)
-
-        def batch():
-            h_kfe = _eigenbasis.inputs_to_eigenbasis(h, block.basis_a, spec.has_bias)
-            return _scalings.batch_scalings(h_kfe, delta @ block.basis_b)
-
-        scalings = _kfe_scalings(block, grad_kfe, batch, n, positions, config)
-        divided = _divide(grad_kfe, scalings, block, damping, positions, config)
-        return _eigenbasis.from_eigenbasis(divided, block.basis_a, block.basis_b), scalings
-
-    update, scalings = _stacked(one, spec)(block, grad, h, delta)
-    return update, block._replace(scalings=scalings)
-
-
-def _fallback(leaves, state, n, count, damping, decay):
-    """Stage 4: the diagonal fallback ``g / (s + damping)``, ``s`` the debiased average of
-    ``N g²``; ``(updates, new state)`` keyed by parameter path."""
-    updates, new_state = {}, {}
-    for path, grad in leaves.items():
-        g = grad.astype(state[path].dtype)
-        scalings = _factors.debiased_ema(state[path], n * g**2, decay, count)
-        new_state[path] = scalings
-        divided = _scalings.divide(g, scalings + jnp.asarray(damping, g.dtype), damping)
-        updates[path] = divided.astype(grad.dtype)
-    return updates, new_state
-
-
 def _replace_leaves(tree: Any, new: Mapping[str, jax.Array]) -> Any:
     """``tree`` with the leaves at the parameter paths of ``new`` replaced."""
 
     def pick(key_path, leaf):
-        return new.get(_kinds.path_key(key_path), leaf)
+        return new.get(_blocks.path_key(key_path), leaf)
 
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
 def _scale_by_kfe(
-    blocks: Mapping[str, _kinds.BlockSpec],
+    blocks: Mapping[str, _blocks.BlockSpec],
     damping: ScalarOrSchedule,
     basis_update_every: jax.typing.ArrayLike,
-    config: _Config,
+    config: _stages.Config,
     fallback: Fallback,
     mesh: Mesh | None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -325,14 +169,14 @@ def _scale_by_kfe(
     fallback_decay = config.factor_decay if config.scaling == "kfac" else config.scaling_decay
 
     def init_fn(params):
-        _kinds.check_params(params, blocks, "init")
-        leaves = _kinds.fallback_leaves(params, blocks) if fallback == "diagonal" else {}
+        _blocks.check_params(params, blocks, "init")
+        leaves = _blocks.fallback_leaves(params, blocks) if fallback == "diagonal" else {}
         return ScaleByEkfacState(
             count=jnp.zeros([], jnp.int32),
             skipped=jnp.zeros([], jnp.int32),
             blocks={path: _init_block(spec) for path, spec in blocks.items()},
             fallback={
-                path: jnp.zeros(jnp.shape(leaf), _kinds.curvature_dtype(jnp.result_type(leaf)))
+                path: jnp.zeros(jnp.shape(leaf), _blocks.curvature_dtype(jnp.result_type(leaf)))
                 for path, leaf in leaves.items()
             },
         )
@@ -351,11 +195,11 @@ def _scale_by_kfe(
             for p, s in specs.items()
         }
         delta = {p: stats[p].delta.astype(s.dtype) for p, s in specs.items()}
-        grads = {p: _kinds.to_matrix(_kinds.subtree(updates, p), s) for p, s in specs.items()}
+        grads = {p: _kinds.to_matrix(_blocks.subtree(updates, p), s) for p, s in specs.items()}
 
         def with_factors(blocks):
             return {
-                p: _new_factors(s, blocks[p], h[p], delta[p], count, config)
+                p: _stages.new_factors(s, blocks[p], h[p], delta[p], count, config)
                 for p, s in specs.items()
             }
 
@@ -367,7 +211,7 @@ def _scale_by_kfe(
         # Amortized: the eigenbasis on updates 0, n, 2n, ...
         def new_basis(blocks):
             blocks = with_factors(blocks) if one_batch else blocks
-            return _new_bases(specs, blocks, h, mesh, config)
+            return _stages.new_bases(specs, blocks, h, mesh, config)
 
         if isinstance(basis_update_every, numbers.Integral) and basis_update_every == 1:
             new_blocks = new_basis(new_blocks)
@@ -377,7 +221,7 @@ def _scale_by_kfe(
 
         new_layers = {}
         for path, spec in specs.items():
-            update, new_blocks[path] = _precondition(
+            update, new_blocks[path] = _stages.precondition(
                 spec,
                 new_blocks[path],
                 grads[path],
@@ -388,12 +232,12 @@ def _scale_by_kfe(
                 damping_now,
                 config,
             )
-            new_layers[path] = _kinds.from_matrix(update, _kinds.subtree(updates, path), spec)
-        new_updates = _kinds.replace_blocks(updates, new_layers)
+            new_layers[path] = _kinds.from_matrix(update, _blocks.subtree(updates, path), spec)
+        new_updates = _blocks.replace_blocks(updates, new_layers)
         new_fallback = {}
         if fallback == "diagonal":
-            leaves = _kinds.fallback_leaves(updates, blocks)
-            fallback_updates, new_fallback = _fallback(
+            leaves = _blocks.fallback_leaves(updates, blocks)
+            fallback_updates, new_fallback = _stages.fallback(
                 leaves, state.fallback, n, count, damping_now, fallback_decay
             )
             new_updates = _replace_leaves(new_updates, fallback_updates)
@@ -416,7 +260,7 @@ def _scale_by_kfe(
 
 def scale_by_ekfac(
     *,
-    blocks: Mapping[str, _kinds.BlockSpec],
+    blocks: Mapping[str, _blocks.BlockSpec],
     damping: ScalarOrSchedule = 1e-3,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
@@ -527,13 +371,13 @@ def scale_by_ekfac(
     """
     if scaling not in ("batch", "running"):
         raise ValueError(f"scaling must be 'batch' or 'running', got {scaling!r}")
-    config = _Config(scaling, scaling_decay, factor_decay, damping_mode, weight_sharing)
+    config = _stages.Config(scaling, scaling_decay, factor_decay, damping_mode, weight_sharing)
     return _scale_by_kfe(blocks, damping, basis_update_every, config, fallback, mesh)
 
 
 def scale_by_kfac(
     *,
-    blocks: Mapping[str, _kinds.BlockSpec],
+    blocks: Mapping[str, _blocks.BlockSpec],
     damping: ScalarOrSchedule = 1e-3,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
@@ -577,5 +421,5 @@ def scale_by_kfac(
       Approximate Curvature, ICML 2015; Grosse & Martens, A Kronecker-factored
       approximate Fisher matrix for convolution layers, ICML 2016.
     """
-    config = _Config("kfac", 0.0, factor_decay, damping_mode, weight_sharing)
+    config = _stages.Config("kfac", 0.0, factor_decay, damping_mode, weight_sharing)
     return _scale_by_kfe(blocks, damping, basis_update_every, config, fallback, mesh)

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ekfac_optax import _kinds
+from ekfac_optax import _blocks
 from ekfac_optax._capture import LayerStats
 
 
@@ -51,10 +51,10 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def check_blocks(blocks: Any) -> dict[str, _kinds.BlockSpec]:
+def check_blocks(blocks: Any) -> dict[str, _blocks.BlockSpec]:
     """The ``blocks`` argument as a dict, or a TypeError that says how to build it."""
     if not isinstance(blocks, Mapping) or not all(
-        isinstance(spec, _kinds.BlockSpec) and spec.path == path for path, spec in blocks.items()
+        isinstance(spec, _blocks.BlockSpec) and spec.path == path for path, spec in blocks.items()
     ):
         raise TypeError(
             "blocks must be the dict of BlockSpec returned by ek.find_blocks(loss_fn, params, "
@@ -63,17 +63,17 @@ def check_blocks(blocks: Any) -> dict[str, _kinds.BlockSpec]:
     return dict(sorted(blocks.items()))
 
 
-def _expected_state_shape(spec: _kinds.BlockSpec) -> tuple[int, ...]:
+def _expected_state_shape(spec: _blocks.BlockSpec) -> tuple[int, ...]:
     if spec.block == "diagonal":
         return (spec.d_out,)
     return (*spec.stack, spec.d_in_aug, spec.d_out)
 
 
 def check_update(
-    updates: Any, state: Any, blocks: Mapping[str, _kinds.BlockSpec]
-) -> dict[str, _kinds.BlockSpec]:
+    updates: Any, state: Any, blocks: Mapping[str, _blocks.BlockSpec]
+) -> dict[str, _blocks.BlockSpec]:
     """The blocks, checked against ``updates`` and the state; curvature dtype of the state."""
-    _kinds.check_params(updates, blocks, "scale_by_ekfac.update: updates")
+    _blocks.check_params(updates, blocks, "scale_by_ekfac.update: updates")
     if set(state.blocks) != set(blocks):
         raise ValueError(
             "scale_by_ekfac: the optimizer state's layers do not match its blocks: "
@@ -90,7 +90,7 @@ def check_update(
             f"scale_by_ekfac: the optimizer state does not match the layers' shapes: {wrong}"
         )
     if state.fallback:
-        leaves = _kinds.fallback_leaves(updates, blocks)
+        leaves = _blocks.fallback_leaves(updates, blocks)
         differ = sorted(
             set(leaves) ^ set(state.fallback)
             | {
@@ -110,7 +110,7 @@ def check_update(
     }
 
 
-def _expected_stats(spec: _kinds.BlockSpec, n, t) -> tuple[tuple, tuple]:
+def _expected_stats(spec: _blocks.BlockSpec, n, t) -> tuple[tuple, tuple]:
     """The shapes of ``h`` and ``delta`` for a batch of ``n`` examples and ``t`` positions."""
     if spec.block == "embed":
         return (n, t), (n, t, spec.d_out)
@@ -119,7 +119,7 @@ def _expected_stats(spec: _kinds.BlockSpec, n, t) -> tuple[tuple, tuple]:
     return (*spec.stack, n, t, spec.d_in), (*spec.stack, n, t, spec.d_out)
 
 
-def check_stats(stats: Any, specs: Mapping[str, _kinds.BlockSpec]) -> None:
+def check_stats(stats: Any, specs: Mapping[str, _blocks.BlockSpec]) -> None:
     """Trace-time check of ``stats`` against the blocks: the layer, expected vs actual."""
     if stats is None:
         raise TypeError(

@@ -1,0 +1,204 @@
+"""Blocks: the static description of a curvature block, and how a parameter tree maps onto blocks.
+
+A :class:`BlockSpec` is what the layer-kind table (``_kinds``) makes of one
+layer: its path, kind, block type and sizes. The functions here read and
+rewrite parameter-like trees by block (layer keys are the ``/``-joined Flax
+module paths): the leaves in no block (the fallback), the labels for
+``optax.multi_transform``, the shape check, and the ``summarize`` table.
+"""
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+BlockType = Literal["kronecker", "embed", "diagonal"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """Static description of one curvature block.
+
+    Attributes:
+      path: ``/``-joined Flax module path (the key in ``stats`` and the state).
+      kind: the name of the layer kind in ``KINDS`` (``"dense"``, ``"conv"``, ...).
+      block: ``"kronecker"``, ``"embed"`` or ``"diagonal"``.
+      params: ``(name, shape)`` of each parameter of the block, in order.
+      stack: ``()``, or ``(G,)`` for ``G`` independent same-shaped Kronecker blocks.
+      d_in: fan-in without the bias coordinate (embed: the vocabulary size;
+        diagonal: the number of features ``x̂`` has).
+      d_out: fan-out (diagonal: the number of scalars, ``[scale; bias]``).
+      has_bias: whether the block has a bias (the homogeneous coordinate).
+      dtype: dtype of the curvature arrays (float32 for 16-bit params).
+      layout: the kind's own static details (axes, groups, conv geometry).
+    """
+
+    path: str
+    kind: str
+    block: BlockType
+    params: tuple[tuple[str, tuple[int, ...]], ...]
+    stack: tuple[int, ...]
+    d_in: int
+    d_out: int
+    has_bias: bool
+    dtype: Any
+    layout: Any = None
+
+    @property
+    def d_in_aug(self) -> int:
+        """Rows of the block matrix: fan-in plus one for a Kronecker block's bias."""
+        return self.d_in + int(self.has_bias and self.block == "kronecker")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names of the block's parameters."""
+        return tuple(name for name, _ in self.params)
+
+    def describe(self) -> str:
+        """How ``summarize`` names the block."""
+        where = self.path or "<root>"
+        if self.block == "diagonal":
+            return f"diagonal block ({self.d_out} scalars) of {where} [{self.kind}]"
+        if self.block == "embed":
+            return f"embedding block {self.d_in}x{self.d_out} (diagonal input factor) of {where}"
+        size = f"{self.d_in_aug}x{self.d_out}"
+        if self.stack:
+            size = f"{'x'.join(map(str, self.stack))} stacked {size}"
+        return f"kronecker block {size} of {where} [{self.kind}]"
+
+
+def curvature_dtype(dtype: Any) -> Any:
+    """float32 for 16-bit parameters, the parameters' own dtype otherwise."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
+
+
+def path_key(path: Sequence[Any]) -> str:
+    """The ``/``-joined key of a Flax module path or a parameter-tree path."""
+    return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
+def leaf_location(key_path: Sequence[Any]) -> tuple[str, str]:
+    """``(module path, parameter name)`` of a leaf's parameter-tree path."""
+    return path_key(key_path[:-1]), path_key(key_path[-1:])
+
+
+def subtree(params: Mapping[str, Any], path: str) -> Any:
+    """The node of a parameter-like tree at a ``/``-joined module path, or None."""
+    node = params
+    for name in path.split("/") if path else ():
+        if not isinstance(node, Mapping) or name not in node:
+            return None
+        node = node[name]
+    return node
+
+
+def layer_paths(layers: Any) -> tuple[str, ...] | None:
+    """Validates ``layers``: ``None`` or an iterable of module paths (a dict: its keys)."""
+    if layers is None:
+        return None
+    if isinstance(layers, str) or not all(isinstance(p, str) for p in layers):
+        raise TypeError(f"layers must be a sequence of module paths (strings), got {layers!r}")
+    return tuple(layers)
+
+
+def replace_blocks(tree: Any, new_layers: Mapping[str, Mapping[str, jax.Array]]) -> Any:
+    """``tree`` with the leaves of each layer in ``new_layers`` replaced; structure kept."""
+
+    def pick(key_path, leaf):
+        layer, name = leaf_location(key_path)
+        return new_layers.get(layer, {}).get(name, leaf)
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def fallback_leaves(params: Any, blocks: Mapping[str, BlockSpec]) -> dict[str, Any]:
+    """``{leaf path: leaf}`` of every parameter in no block."""
+    out = {}
+    for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        layer, name = leaf_location(key_path)
+        spec = blocks.get(layer)
+        if spec is None or name not in spec.names:
+            out[path_key(key_path)] = leaf
+    return out
+
+
+def block_labels(params: Any, blocks: Mapping[str, BlockSpec]) -> Any:
+    """``"block"`` for each parameter in one of ``blocks``, ``"fallback"`` for the others.
+
+    The labels for ``optax.multi_transform``, to send the parameters in no block (or
+    in blocks left out of ``blocks``) to another optimizer.
+
+    Args:
+      params: the parameter tree.
+      blocks: the blocks given to the preconditioner.
+
+    Returns:
+      A tree of the structure of ``params`` with a string at each leaf.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
+      >>> import ekfac_optax as ek
+      >>> model = nn.Sequential([nn.Embed(10, 4), nn.Dense(10)])
+      >>> ids = jnp.zeros((2, 3), jnp.int32)
+      >>> params = model.init(jax.random.key(0), ids)["params"]
+      >>> def loss_fn(params, ids):
+      ...     logits = model.apply({"params": params}, ids)
+      ...     return optax.softmax_cross_entropy_with_integer_labels(logits, ids).mean()
+      >>> blocks = ek.find_blocks(loss_fn, params, ids)
+      >>> dense = {path: spec for path, spec in blocks.items() if spec.kind == "dense"}
+      >>> ek.block_labels(params, dense)
+      {'layers_0': {'embedding': 'fallback'}, 'layers_1': {'bias': 'block', 'kernel': 'block'}}
+    """
+
+    def label(key_path, _):
+        layer, name = leaf_location(key_path)
+        return "block" if layer in blocks and name in blocks[layer].names else "fallback"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def check_params(params: Any, blocks: Mapping[str, BlockSpec], where: str) -> None:
+    """Raises a ValueError naming the layer if ``params`` lacks a block's parameter or shape."""
+    for path, spec in blocks.items():
+        node = subtree(params, path)
+        for name, shape in spec.params:
+            actual = None
+            if isinstance(node, Mapping) and name in node:
+                actual = tuple(jnp.shape(node[name]))
+            if actual != shape:
+                found = sorted(node) if isinstance(node, Mapping) else node
+                raise ValueError(
+                    f"{where}: layer {path!r} ({spec.kind}) expects a parameter {name!r} of "
+                    f"shape {shape}, got {actual if actual is not None else found}; build the "
+                    "blocks with ek.find_blocks(loss_fn, params, *batch) for these params"
+                )
+
+
+def summarize(params: Any, blocks: Mapping[str, BlockSpec], fallback: str = "diagonal") -> str:
+    """A readable table of how each parameter is preconditioned.
+
+    Args:
+      params: the parameter tree given to ``tx.init``.
+      blocks: the blocks given to the preconditioner (from ``ek.find_blocks``).
+      fallback: the preconditioner's ``fallback`` argument.
+
+    Returns:
+      A multi-line string: one row per parameter with its path, shape and
+      treatment: its block (type, size, layer and kind), or the fallback.
+    """
+    check_params(params, blocks, "summarize")
+    how_else = {
+        "diagonal": "diagonal fallback (running N g², in no block)",
+        "identity": "identity (fallback='identity': not preconditioned)",
+    }[fallback]
+    rows = [("parameter", "shape", "preconditioning")]
+    for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        layer, name = leaf_location(key_path)
+        spec = blocks.get(layer)
+        how = spec.describe() if spec is not None and name in spec.names else how_else
+        rows.append((path_key(key_path), str(tuple(jnp.shape(leaf))), how))
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows)

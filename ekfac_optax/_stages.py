@@ -1,0 +1,179 @@
+"""The stages of one update, per block: factors, eigenbases, preconditioning, fallback.
+
+1. :func:`new_factors`: the moving averages of ``A`` and ``B`` with this batch.
+2. :func:`new_bases`: their eigenbases (amortized: called every ``basis_update_every``
+   updates); the scalings restart from KFAC's eigenvalues.
+3. :func:`precondition`: ``U_A [(U_Aᵀ g U_B) / (s + damping)] U_Bᵀ`` with the scalings
+   ``s`` of the configured rule (``_scalings``); diagonal blocks divide by their exact
+   per-example second moments.
+4. :func:`fallback`: ``g / (s + damping)`` for every parameter in no block.
+
+Each takes the block's :class:`~ekfac_optax._blocks.BlockSpec` and state and the
+static :class:`Config`; stacked blocks (``spec.stack == (G,)``) are mapped over.
+"""
+
+import functools
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ekfac_optax import _eigenbasis, _factors, _scalings
+
+Scaling = Literal["batch", "running", "kfac"]
+
+
+def _stacked(fn, spec):
+    """``fn`` of one Kronecker block, mapped over the leading axis of a stacked block."""
+    return jax.vmap(fn) if spec.stack else fn
+
+
+class Config(NamedTuple):
+    """The static configuration the stages share."""
+
+    scaling: Scaling
+    scaling_decay: Any
+    factor_decay: Any
+    damping_mode: _scalings.DampingMode
+    weight_sharing: _factors.WeightSharing
+
+
+def new_factors(spec, block, h, delta, count, config: Config):
+    """Stage 1: the moving averages of the factors, with this batch's ``h`` and ``delta``."""
+    if spec.block == "diagonal":
+        return block
+    if spec.block == "embed":
+        new_a = _factors.token_frequencies(h, spec.d_in, spec.dtype)
+        new_b = _factors.factor_b(delta)
+    else:
+
+        def one(h, delta):
+            h, delta = _factors.shared(h, delta, config.weight_sharing)
+            return _factors.factor_a(h, spec.has_bias), _factors.factor_b(delta)
+
+        new_a, new_b = _stacked(one, spec)(h, delta)
+    return block._replace(
+        factor_a=_factors.debiased_ema(block.factor_a, new_a, config.factor_decay, count),
+        factor_b=_factors.debiased_ema(block.factor_b, new_b, config.factor_decay, count),
+    )
+
+
+def _positions(spec, h, config: Config) -> int:
+    """``T`` of KFAC's ``T · S_A ⊗ S_B``: 1 for K-FAC-reduce (an embedding always expands)."""
+    if config.weight_sharing == "reduce" and spec.block == "kronecker":
+        return 1
+    return h.shape[-1] if spec.block == "embed" else h.shape[-2]
+
+
+def new_bases(specs, blocks, h, mesh, config: Config):
+    """Stage 2: the eigenbases of the factors; the scalings restart from KFAC's eigenvalues."""
+    kron = [p for p, s in specs.items() if s.block == "kronecker"]
+    embed = [p for p, s in specs.items() if s.block == "embed"]
+    factors = [f for p in kron for f in (blocks[p].factor_a, blocks[p].factor_b)]
+    factors += [blocks[p].factor_b for p in embed]
+    fallbacks = [
+        pair
+        for p in kron
+        for pair in (
+            (blocks[p].eigvals_a, blocks[p].basis_a),
+            (blocks[p].eigvals_b, blocks[p].basis_b),
+        )
+    ]
+    fallbacks += [(blocks[p].eigvals_b, blocks[p].basis_b) for p in embed]
+    decomposed = iter(_eigenbasis.eigh_all(factors, fallbacks, mesh))
+    out = dict(blocks)
+    for path in kron:
+        (eigvals_a, basis_a), (eigvals_b, basis_b) = next(decomposed), next(decomposed)
+        positions = _positions(specs[path], h[path], config)
+        kfac = _stacked(
+            functools.partial(_scalings.kfac_scalings, positions=positions), specs[path]
+        )
+        out[path] = blocks[path]._replace(
+            eigvals_a=eigvals_a,
+            basis_a=basis_a,
+            eigvals_b=eigvals_b,
+            basis_b=basis_b,
+            scalings=kfac(eigvals_a, eigvals_b),
+        )
+    for path in embed:
+        eigvals_b, basis_b = next(decomposed)
+        eigvals_a = blocks[path].factor_a
+        positions = _positions(specs[path], h[path], config)
+        out[path] = blocks[path]._replace(
+            eigvals_a=eigvals_a,
+            eigvals_b=eigvals_b,
+            basis_b=basis_b,
+            scalings=_scalings.kfac_scalings(eigvals_a, eigvals_b, positions),
+        )
+    return out
+
+
+def _kfe_scalings(block, grad_kfe, batch, n, positions, config: Config):
+    """The scalings of the configured rule; ``batch()`` computes this batch's ``s*``."""
+    if config.scaling == "batch":
+        return batch()
+    if config.scaling == "running":
+        return _scalings.running_scalings(block.scalings, grad_kfe, n, config.scaling_decay)
+    return _scalings.kfac_scalings(block.eigvals_a, block.eigvals_b, positions)
+
+
+def _divide(grad_kfe, scalings, block, damping, positions, config: Config):
+    denominator = _scalings.damped(
+        scalings, damping, block.eigvals_a, block.eigvals_b, positions, config.damping_mode
+    )
+    return _scalings.divide(grad_kfe, denominator, damping)
+
+
+def precondition(spec, block, grad, h, delta, n, count, damping, config: Config):
+    """Stage 3: one block's update in the parameter basis, and its new state."""
+    if spec.block == "diagonal":
+        if config.scaling == "running":
+            scalings = _factors.debiased_ema(
+                block.scalings, n * grad**2, config.scaling_decay, count
+            )
+        else:
+            per_example = _scalings.scale_and_shift_grads(h, delta, spec.names)
+            scalings = jnp.mean(per_example**2, axis=0)
+            if config.scaling == "kfac":
+                scalings = _factors.debiased_ema(
+                    block.scalings, scalings, config.factor_decay, count
+                )
+        update = _scalings.divide(grad, scalings + jnp.asarray(damping, grad.dtype), damping)
+        return update, block._replace(scalings=scalings)
+    positions = _positions(spec, h, config)
+    if spec.block == "embed":
+        grad_kfe = grad @ block.basis_b
+
+        def batch():
+            return _scalings.embedding_batch_scalings(h, delta @ block.basis_b, spec.d_in)
+
+        scalings = _kfe_scalings(block, grad_kfe, batch, n, positions, config)
+        divided = _divide(grad_kfe, scalings, block, damping, positions, config)
+        return divided @ block.basis_b.T, block._replace(scalings=scalings)
+
+    def one(block, grad, h, delta):
+        grad_kfe = _eigenbasis.to_eigenbasis(grad, block.basis_a, block.basis_b)
+
+        def batch():
+            h_kfe = _eigenbasis.inputs_to_eigenbasis(h, block.basis_a, spec.has_bias)
+            return _scalings.batch_scalings(h_kfe, delta @ block.basis_b)
+
+        scalings = _kfe_scalings(block, grad_kfe, batch, n, positions, config)
+        divided = _divide(grad_kfe, scalings, block, damping, positions, config)
+        return _eigenbasis.from_eigenbasis(divided, block.basis_a, block.basis_b), scalings
+
+    update, scalings = _stacked(one, spec)(block, grad, h, delta)
+    return update, block._replace(scalings=scalings)
+
+
+def fallback(leaves, state, n, count, damping, decay):
+    """Stage 4: the diagonal fallback ``g / (s + damping)``, ``s`` the debiased average of
+    ``N g²``; ``(updates, new state)`` keyed by parameter path."""
+    updates, new_state = {}, {}
+    for path, grad in leaves.items():
+        g = grad.astype(state[path].dtype)
+        scalings = _factors.debiased_ema(state[path], n * g**2, decay, count)
+        new_state[path] = scalings
+        divided = _scalings.divide(g, scalings + jnp.asarray(damping, g.dtype), damping)
+        updates[path] = divided.astype(grad.dtype)
+    return updates, new_state
