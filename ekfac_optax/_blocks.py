@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 BlockType = Literal["kronecker", "embed", "diagonal"]
 
@@ -26,13 +27,19 @@ class BlockSpec:
       kind: the name of the layer kind in ``KINDS`` (``"dense"``, ``"conv"``, ...).
       block: ``"kronecker"``, ``"embed"`` or ``"diagonal"``.
       params: ``(name, shape)`` of each parameter of the block, in order.
-      stack: ``()``, or ``(G,)`` for ``G`` independent same-shaped Kronecker blocks.
+      stack: the leading axes of independent same-shaped blocks, ``()`` for one block:
+        ``lifted`` first, then the kind's own (the ``G`` groups of a grouped
+        convolution, the ``batch_dims`` of a ``DenseGeneral``).
       d_in: fan-in without the bias coordinate (embed: the vocabulary size;
         diagonal: the number of features ``x̂`` has).
       d_out: fan-out (diagonal: the number of scalars, ``[scale; bias]``).
       has_bias: whether the block has a bias (the homogeneous coordinate).
       dtype: dtype of the curvature arrays (float32 for 16-bit params).
       layout: the kind's own static details (axes, groups, conv geometry).
+      lifted: the leading axes that a Flax lifted transform (``nn.scan`` or
+        ``nn.vmap`` over layers) adds to the layer's parameters, e.g. ``(L,)`` for
+        ``L`` scanned layers: each of them is its own block. ``params`` holds the
+        lifted shapes.
     """
 
     path: str
@@ -45,6 +52,7 @@ class BlockSpec:
     has_bias: bool
     dtype: Any
     layout: Any = None
+    lifted: tuple[int, ...] = ()
 
     @property
     def d_in_aug(self) -> int:
@@ -56,17 +64,33 @@ class BlockSpec:
         """The names of the block's parameters."""
         return tuple(name for name, _ in self.params)
 
+    def unlifted(self) -> "BlockSpec":
+        """The block of one of the layer's lifted copies: the spec the layer kind works with."""
+        if not self.lifted:
+            return self
+        lead = len(self.lifted)
+        return dataclasses.replace(
+            self,
+            params=tuple((name, shape[lead:]) for name, shape in self.params),
+            stack=self.stack[lead:],
+            lifted=(),
+        )
+
     def describe(self) -> str:
         """How ``summarize`` names the block."""
         where = self.path or "<root>"
+        kind = self.kind
+        if self.lifted:
+            kind += f", lifted {'x'.join(map(str, self.lifted))}"
         if self.block == "diagonal":
-            return f"diagonal block ({self.d_out} scalars) of {where} [{self.kind}]"
+            copies = f"{'x'.join(map(str, self.stack))} stacked " if self.stack else ""
+            return f"{copies}diagonal block ({self.d_out} scalars) of {where} [{kind}]"
         if self.block == "embed":
             return f"embedding block {self.d_in}x{self.d_out} (diagonal input factor) of {where}"
         size = f"{self.d_in_aug}x{self.d_out}"
         if self.stack:
             size = f"{'x'.join(map(str, self.stack))} stacked {size}"
-        return f"kronecker block {size} of {where} [{self.kind}]"
+        return f"kronecker block {size} of {where} [{kind}]"
 
 
 def curvature_dtype(dtype: Any) -> Any:
@@ -89,10 +113,20 @@ def subtree(params: Mapping[str, Any], path: str) -> Any:
     """The node of a parameter-like tree at a ``/``-joined module path, or None."""
     node = params
     for name in path.split("/") if path else ():
+        if isinstance(node, Mapping) and name not in node and name.isdigit():
+            name = int(name)  # an NNX list's index
         if not isinstance(node, Mapping) or name not in node:
             return None
         node = node[name]
     return node
+
+
+def as_arrays(tree: Any) -> Any:
+    """A parameter-like tree with arrays as leaves: an NNX model's ``nnx.Param`` state, an
+    ``nnx.State`` of variables as ``nnx.as_pure`` gives it; other trees as they are."""
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree, nnx.Param)
+    return nnx.as_pure(tree)
 
 
 def layer_paths(layers: Any) -> tuple[str, ...] | None:
@@ -181,7 +215,8 @@ def summarize(params: Any, blocks: Mapping[str, BlockSpec], fallback: str = "dia
     """A readable table of how each parameter is preconditioned.
 
     Args:
-      params: the parameter tree given to ``tx.init``.
+      params: the parameter tree given to ``tx.init`` (or a Flax NNX model, or its
+        ``nnx.State``).
       blocks: the blocks given to the preconditioner (from ``ek.find_blocks``).
       fallback: the preconditioner's ``fallback`` argument.
 
@@ -189,6 +224,7 @@ def summarize(params: Any, blocks: Mapping[str, BlockSpec], fallback: str = "dia
       A multi-line string: one row per parameter with its path, shape and
       treatment: its block (type, size, layer and kind), or the fallback.
     """
+    params = as_arrays(params)
     check_params(params, blocks, "summarize")
     how_else = {
         "diagonal": "diagonal fallback (running N g², in no block)",

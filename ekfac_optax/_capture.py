@@ -1,18 +1,22 @@
 """Capture: the blocks of a model, and the input ``h`` and output gradient ``delta`` of each.
 
 Both functions run the user's loss under a Flax method interceptor
-(``flax.linen.intercept_methods``) that looks every module call up in the
-layer-kind table (``_kinds.KINDS``). ``find_blocks`` runs it abstractly
-(``jax.eval_shape``, no FLOPs) and returns the blocks; ``value_grad_and_stats``
-does the same abstract run, then runs the loss again with a zero "probe" added
-to the output of every call of a block and records the call's ``h``. The
-probes are differentiated together with the params, so their gradients are
-the layers' output gradients, at no change to the user's model or loss. Since
-both take the blocks from the same run of the same table, the optimizer's
-blocks and the captured stats agree by construction.
+(``flax.linen.intercept_methods``; NNX models: ``_nnx``) that looks every module call up in
+the layer-kind table (``_kinds.KINDS``). ``find_blocks`` runs it abstractly
+(``jax.eval_shape``, no FLOPs) and returns the blocks; ``value_grad_and_stats`` does the same
+abstract run, then runs the loss again, differentiated, with every call of a block *tapped*: a
+``custom_vjp`` identity on the layer's output whose backward pass gives two zero "probes" the
+cotangents ``h`` and ``delta``. The probes ride in the params, at the layer's node, so that
+every transform of the model (``nn.scan`` slices them with the layer's parameters, ``nn.remat``,
+``jax.checkpoint`` and ``jax.jit`` pass them through) carries them where the layer runs, and
+their gradients bring ``h`` and ``delta`` out of any trace. Since both functions take the
+blocks from the same run of the same table, the optimizer's blocks and the captured stats agree
+by construction.
 """
 
-from collections.abc import Callable, Sequence
+import dataclasses
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -41,96 +45,322 @@ class LayerStats(NamedTuple):
     delta: jax.Array
 
 
-class _Interceptor:
-    """Looks module calls up in the kind table.
+_PROBES = "__ekfac_probes__"  # the variable of a captured layer that holds its probes
 
-    Without ``blocks`` (the abstract pass) it records, per path, each call's spec or
-    fallback reason and output. With ``blocks`` it records ``h`` of the calls of those
-    blocks and adds ``probes[path][i]`` to the i-th call's output.
+
+@jax.custom_vjp
+def _tap(out, h, probe_h, probe_delta):
+    """``out``; differentiated, gives ``probe_h`` the cotangent ``h`` and ``probe_delta``
+    the output's, so that both leave every transform of the model as gradients."""
+    del h, probe_h, probe_delta
+    return out
+
+
+def _tap_fwd(out, h, probe_h, probe_delta):
+    del probe_h, probe_delta
+    return out, h
+
+
+def _tap_bwd(h, g):
+    return g, jnp.zeros_like(h), h, g
+
+
+_tap.defvjp(_tap_fwd, _tap_bwd)
+
+
+def _refuse_mapped_inputs(path: str, x: jax.Array, weight: jax.Array) -> None:
+    """Raises, at trace time, if ``x`` is mapped by a ``vmap`` that ``weight`` is not."""
+
+    @jax.custom_batching.custom_vmap
+    def check(x, weight):
+        return x
+
+    @check.def_vmap
+    def rule(axis_size, in_batched, x, weight):
+        if in_batched[0] and not in_batched[1]:
+            raise ValueError(
+                f"value_grad_and_stats: layer {path!r} is called inside jax.vmap (or nn.vmap) "
+                "over its inputs with its parameters shared: capture needs the whole batch in "
+                "one call. Apply the model to the batch (Flax layers take any number of "
+                "leading batch axes) instead of vmapping the loss over examples."
+            )
+        return x, in_batched[0]
+
+    check(x, weight)
+
+
+class _Interceptor:
+    """Looks module calls up in the kind table; calls are numbered per module instance.
+
+    Without ``blocks`` (the abstract pass) it records, per path and call, the spec or
+    fallback reason and the shapes of ``h`` and of the output. With ``blocks`` (unlifted
+    specs) it taps each call of those blocks with its probes.
     """
 
-    def __init__(self, blocks: dict | None = None, probes: dict | None = None):
+    def __init__(self, blocks: dict | None = None):
         self.blocks = blocks
-        self.probes = probes
-        self.found: dict[str, list] = {}
-        self.inputs: dict[str, list[jax.Array]] = {}
-        self.outputs: dict[str, list[jax.Array]] = {}
+        self.found: dict[str, dict[int, tuple]] = {}
+        self.calls: dict[int, list] = {}  # id(module) -> [module, number of calls so far]
+        self.modules = 0
         self.busy = False
 
+    def _inputs(self, kind, spec, module, args, kwargs):
+        self.busy = True  # the kind may apply the module itself (normalised inputs)
+        try:
+            return kind.inputs(spec, module, args, kwargs)
+        finally:
+            self.busy = False
+
     def __call__(self, next_fun, args, kwargs, context):
-        kind = None if self.busy else _kinds.kind_of(context.module, context.method_name)
-        path = _blocks.path_key(context.module.path)
+        """The linen interceptor (``nn.intercept_methods``)."""
+        module = context.module
+
+        def probes(index):
+            variable = module.get_variable("params", _PROBES)
+            return variable["h"][index], variable["delta"][index]
+
+        path = _blocks.path_key(module.path)
+        return self.handle(module, context.method_name, path, next_fun, args, kwargs, probes)
+
+    def handle(self, module, method, path, next_fun, args, kwargs, probes):
+        """One call of ``module.method``: ``probes(i)`` gives the i-th call's ``(h, delta)``
+        probes (pass 2 only)."""
+        if self.busy:
+            return next_fun(*args, **kwargs)
+        self.modules += 1
+        kind = _kinds.kind_of(module, method)
         if kind is None or (self.blocks is not None and path not in self.blocks):
             return next_fun(*args, **kwargs)
+        # A retrace of a transform's body (a new module instance) numbers its calls anew.
+        counter = self.calls.setdefault(id(module), [module, 0])
+        index, counter[1] = counter[1], counter[1] + 1
         x = _kinds.first_input(args, kwargs)
         if self.blocks is None:
-            self.found.setdefault(path, []).append(kind.spec(path, context.module, x))
-        else:
-            self.busy = True  # the kind may apply the module itself (normalised inputs)
-            try:
-                h = kind.inputs(self.blocks[path], context.module, args, kwargs)
-            finally:
-                self.busy = False
-            self.inputs.setdefault(path, []).append(jax.lax.stop_gradient(h))
+            weights = jax.tree.leaves(_kinds.params_of(module))
+            if weights:
+                _refuse_mapped_inputs(path, x, weights[0])
+            spec = kind.spec(path, module, x)
+            h = None if isinstance(spec, str) else self._inputs(kind, spec, module, args, kwargs)
+            out = next_fun(*args, **kwargs)
+            if jnp.size(out) == 0:
+                raise ValueError(
+                    f"value_grad_and_stats: layer {path!r} produced an empty output of shape "
+                    f"{jnp.shape(out)} from an input of shape {jnp.shape(x)} (e.g. a VALID conv "
+                    "whose kernel is larger than its input); it has no statistics"
+                )
+            self.found.setdefault(path, {})[index] = (spec, _shape_of(h), _shape_of(out))
+            return out
+        spec = self.blocks[path]
+        h = jax.lax.stop_gradient(self._inputs(kind, spec, module, args, kwargs))
         out = next_fun(*args, **kwargs)
-        if jnp.size(out) == 0:
-            raise ValueError(
-                f"value_grad_and_stats: layer {path!r} produced an empty output of shape "
-                f"{jnp.shape(out)} from an input of shape {jnp.shape(x)} (e.g. a VALID conv "
-                "whose kernel is larger than its input); it has no statistics"
+        probe_h, probe_delta = probes(index)
+        return _tap(out, h.astype(probe_h.dtype), probe_h, probe_delta)
+
+
+def _shape_of(x) -> jax.ShapeDtypeStruct | None:
+    return None if x is None else jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+
+
+class _Call(NamedTuple):
+    """What the abstract pass learnt of a block: its spec and, per call, the shapes of the
+    probes of ``h`` and of the output (lifted axes included)."""
+
+    spec: _blocks.BlockSpec
+    h: tuple[jax.ShapeDtypeStruct, ...]
+    out: tuple[jax.ShapeDtypeStruct, ...]
+
+
+def _lift(spec: _blocks.BlockSpec, params: Any) -> _blocks.BlockSpec | str:
+    """``spec`` (as the layer saw its parameters) with the leading axes that a lifted
+    transform (``nn.scan``, ``nn.vmap``) added to them in ``params``; or why not."""
+    node = _blocks.subtree(params, spec.path)
+    leads = set()
+    for name, inner in spec.params:
+        outer = tuple(jnp.shape(node[name])) if node is not None and name in node else None
+        if outer is None or len(outer) < len(inner) or outer[len(outer) - len(inner) :] != inner:
+            return (
+                f"parameter {name!r} of shape {outer} is seen by the layer as {inner} (a "
+                "transform maps it over an axis other than the leading ones)"
             )
-        outputs = self.outputs.setdefault(path, [])
-        if self.probes is not None:
-            out = out + self.probes[path][len(outputs)]
-        outputs.append(out)
-        return out
+        leads.add(outer[: len(outer) - len(inner)])
+    if len(leads) > 1:
+        return f"its parameters are mapped over different axes {sorted(leads)}"
+    lifted = leads.pop()
+    if not lifted:
+        return spec
+    if spec.block == "embed":
+        return "nn.Embed inside nn.scan / nn.vmap (a stacked embedding is not supported)"
+    return dataclasses.replace(
+        spec,
+        params=tuple((name, tuple(jnp.shape(node[name]))) for name, _ in spec.params),
+        stack=lifted + spec.stack,
+        lifted=lifted,
+    )
 
 
-def _resolve(found: dict[str, list]) -> tuple[dict[str, _blocks.BlockSpec], dict[str, str]]:
-    """The blocks of the abstract pass, and why each other captured path falls back."""
+def _resolve(found: dict[str, dict[int, tuple]], params: Any):
+    """The blocks of the abstract pass (as :class:`_Call`), and why each other captured path
+    falls back."""
     blocks, reasons = {}, {}
     for path in sorted(found):
-        specs = found[path]
+        calls = [found[path][i] for i in sorted(found[path])]
+        specs = [spec for spec, _, _ in calls]
         why = next((s for s in specs if isinstance(s, str)), None)
         if why is None and len(set(specs)) > 1:
             why = "called as different blocks: " + ", ".join(sorted({s.describe() for s in specs}))
-        if why is None:
-            blocks[path] = specs[0]
-        else:
-            reasons[path] = why
+        spec = why if why is not None else _lift(specs[0], params)
+        if isinstance(spec, str):
+            reasons[path] = spec
+            continue
+
+        def lifted(shape, spec=spec):
+            return jax.ShapeDtypeStruct(spec.lifted + shape.shape, shape.dtype)
+
+        h = tuple(
+            lifted(h) if spec.block != "embed" else jax.ShapeDtypeStruct(h.shape, jnp.float32)
+            for _, h, _ in calls
+        )
+        blocks[path] = _Call(spec, h, tuple(lifted(out) for _, _, out in calls))
     return blocks, reasons
 
 
+def _with_entries(tree: Any, entries: dict[str, dict[str, Any]]) -> Any:
+    """``tree`` (nested mappings) with ``entries[path]`` added to the node at each path."""
+    if not entries:
+        return tree
+    own = entries.get("", {})
+    children = {}
+    for path, items in entries.items():
+        if path:
+            head, _, rest = path.partition("/")
+            children.setdefault(head, {})[rest] = items
+    out = dict(tree)
+    for head, sub in children.items():
+        out[head] = _with_entries(tree[head], sub)
+    out.update(own)
+    return type(tree)(out) if not isinstance(tree, dict) else out
+
+
+def _without(tree: Any, name: str, paths) -> tuple[Any, dict[str, Any]]:
+    """``tree`` without the entry ``name`` of the node at each path, and those entries."""
+    taken = {}
+
+    def strip(node, prefix):
+        if not isinstance(node, Mapping):
+            return node
+        out = {}
+        for key, value in node.items():
+            if key == name and prefix in paths:
+                taken[prefix] = value
+                continue
+            out[key] = strip(value, f"{prefix}/{key}" if prefix else str(key))
+        return out if isinstance(node, dict) else type(node)(out)
+
+    return strip(tree, ""), taken
+
+
+def _check_params(params: Any) -> None:
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            "value_grad_and_stats: params must be the nested dict of a Flax model's "
+            f"'params' collection, got {type(params).__name__}"
+        )
+
+
+_passes = itertools.count()
+
+
 def _abstract_pass(loss_fn: Callable, params: Any, args, kwargs):
-    """``(blocks, fallback reasons, output shapes)`` of one abstract run of ``loss_fn``."""
+    """``(blocks as _Call, fallback reasons)`` of one abstract run of ``loss_fn``.
+
+    ``params`` get an empty entry of a new name, so that a jitted ``apply`` inside
+    ``loss_fn`` is traced again (its cached trace would run no module call).
+    """
+    _check_params(params)
     interceptor = _Interceptor()
+    marked = _with_entries(params, {"": {f"__ekfac_pass_{next(_passes)}__": {}}})
 
     def run(params):
         with nn.intercept_methods(interceptor):
             loss_fn(params, *args, **kwargs)
-        return interceptor.outputs
 
-    shapes = jax.eval_shape(run, params)
-    blocks, reasons = _resolve(interceptor.found)
-    return blocks, reasons, shapes
+    jax.eval_shape(run, marked)
+    if not interceptor.modules and jax.tree.leaves(params):
+        raise ValueError(
+            "value_grad_and_stats: loss_fn(params, ...) ran no Flax linen module call, so no "
+            "layer can be captured. Likely causes: the model is a Flax NNX module (pass the "
+            "module itself: value_grad_and_stats(loss_fn)(model, ...) with loss_fn(model, "
+            "...)); the loss applies the model outside loss_fn; or the loss does not depend "
+            "on a linen model at all (then use an optax optimizer)."
+        )
+    return _resolve(interceptor.found, params)
+
+
+def select(calls: dict[str, _Call], layers, reasons) -> dict[str, _Call]:
+    """The calls of ``layers`` (all for None); a ValueError for a layer that is no block."""
+    if layers is None:
+        return calls
+    unknown = sorted(set(layers) - set(calls))
+    if unknown:
+        raise ValueError(
+            f"value_grad_and_stats: layers {unknown} are not blocks of this model "
+            f"(blocks: {sorted(calls)}; falling back: {reasons})"
+        )
+    return {path: calls[path] for path in layers}
+
+
+def split_loss(out, has_aux: bool):
+    """``(loss, aux)`` of ``loss_fn``'s output, checked to be a scalar loss."""
+    loss, aux = out if has_aux else (out, None)
+    if jnp.shape(loss) != ():
+        raise ValueError(
+            "value_grad_and_stats: loss_fn must return a scalar (the mean loss over the "
+            f"batch){' as the first item of (loss, aux)' if has_aux else ''}; got shape "
+            f"{jnp.shape(loss)}"
+        )
+    return loss, aux
+
+
+def stats_of(calls: dict[str, _Call], probe_grads) -> dict[str, LayerStats]:
+    """The stats from the probes' gradients, ``probe_grads(path) -> (hs, deltas)`` per call."""
+    inputs, deltas = {}, {}
+    for path, call in calls.items():
+        spec = call.spec
+        outputs = _kinds.over_lifted(
+            lambda g, spec=spec: _kinds.BY_NAME[spec.kind].outputs(spec.unlifted(), g), spec
+        )
+        hs, gs = probe_grads(path)
+        deltas[path] = [outputs(g) for g in gs]
+        inputs[path] = [jnp.round(h).astype(jnp.int32) if spec.block == "embed" else h for h in hs]
+    n = _batch_size(deltas)
+    return {
+        path: LayerStats(
+            h=jnp.concatenate(inputs[path], axis=-1 if call.spec.block == "embed" else -2),
+            delta=n * jnp.concatenate(deltas[path], axis=-2),
+        )
+        for path, call in calls.items()
+    }
 
 
 def find_blocks(loss_fn: Callable[..., Any], params: Any, *args, **kwargs):
     """The curvature blocks of the model that ``loss_fn`` applies, by the layer-kind table.
 
     Runs ``loss_fn(params, *args, **kwargs)`` abstractly (``jax.eval_shape``: shapes
-    only, no FLOPs) and looks each Flax linen module call up in the table: every
+    only, no FLOPs) and looks each Flax module call up in the table: every
     call of a supported kind (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``
     including grouped and depthwise, ``nn.ConvTranspose``, ``nn.Embed``, and the
     scale and shift of ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.BatchNorm``,
     ``nn.GroupNorm``, ``nn.InstanceNorm``) becomes a block. Every other
     parameter (an unsupported module, a parameter used in two roles such as a
     tied embedding, a ``self.param`` of a custom module) is left to the
-    preconditioner's fallback; :func:`summarize` lists which.
+    preconditioner's fallback; :func:`summarize` lists which. A layer inside ``nn.scan`` or
+    ``nn.vmap`` over layers (parameters stacked on a leading axis ``L``) is ``L`` blocks, one
+    :class:`BlockSpec` with ``lifted == (L,)``.
 
     Args:
       loss_fn: the loss given to :func:`value_grad_and_stats`; its value is not used.
-      params: the parameter tree (the ``"params"`` collection).
+      params: the parameter tree (the ``"params"`` collection), or a Flax NNX model (then
+        ``loss_fn(model, *args, **kwargs)``; the NNX classes of the same kinds).
       *args, **kwargs: a batch (or arrays of its shapes and dtypes) as ``loss_fn`` takes it.
 
     Returns:
@@ -142,7 +372,13 @@ def find_blocks(loss_fn: Callable[..., Any], params: Any, *args, **kwargs):
         not fit its kind (e.g. an ``nn.Embed`` on floats, a layer without a batch axis),
         naming the layer path and the expected and actual shapes.
     """
-    return _abstract_pass(loss_fn, params, args, kwargs)[0]
+    if _kinds.is_nnx(params):
+        from ekfac_optax import _nnx  # builds on this module
+
+        calls = _nnx.abstract_pass(loss_fn, params, args, kwargs)[0]
+    else:
+        calls = _abstract_pass(loss_fn, params, args, kwargs)[0]
+    return {path: call.spec for path, call in calls.items()}
 
 
 def _batch_size(calls: dict[str, list[jax.Array]]) -> int:
@@ -166,8 +402,13 @@ def value_grad_and_stats(
 
     ``loss_fn(params, *args, **kwargs)`` must return the MEAN loss over the
     batch (a scalar; with ``has_aux``, a pair ``(loss, aux)``) and call a Flax
-    linen model's ``apply`` inside. Every call of a layer that
-    :func:`find_blocks` makes a block is captured.
+    linen model's ``apply`` inside, possibly through ``nn.scan``, ``nn.vmap``,
+    ``nn.remat``, ``nn.jit``, ``jax.checkpoint`` or ``jax.jit``. Every call of a
+    layer that :func:`find_blocks` makes a block is captured. Pass a Flax NNX model
+    in place of ``params`` for ``loss_fn(model, ...)``: ``grads`` is then the
+    ``nnx.State`` of its ``nnx.Param`` gradients, for ``nnx.Optimizer.update(model,
+    grads, stats=stats)``, and state the loss changes (batch statistics) is written
+    back to the model, as ``nnx.value_and_grad`` does.
 
     The per-example output gradient is that of the per-example loss: since the
     loss is a batch mean, ``delta_n = N * dLoss/d(output_n)``. This is the one
@@ -186,51 +427,44 @@ def value_grad_and_stats(
       is ``loss`` (or ``(loss, aux)``), ``grads`` the gradient of the mean loss
       with respect to ``params`` and ``stats`` a dict from module path to
       :class:`LayerStats`.
+
+    Raises:
+      ValueError: at trace time, for a layer called inside ``jax.vmap`` over examples (shared
+        parameters), a loss that runs no layer of the model, a layer input that does not fit
+        its kind, or ``layers`` that are no blocks.
     """
     layers = _blocks.layer_paths(layers)
 
     def f(params, *args, **kwargs):
-        # Pass 1 (abstract, no FLOPs): the blocks and their output shapes.
-        blocks, reasons, shapes = _abstract_pass(loss_fn, params, args, kwargs)
-        if layers is not None:
-            unknown = sorted(set(layers) - set(blocks))
-            if unknown:
-                raise ValueError(
-                    f"value_grad_and_stats: layers {unknown} are not blocks of this model "
-                    f"(blocks: {sorted(blocks)}; falling back: {reasons})"
-                )
-            blocks = {path: blocks[path] for path in layers}
-        probes = {path: [jnp.zeros(s.shape, s.dtype) for s in shapes[path]] for path in blocks}
+        if _kinds.is_nnx(params):
+            from ekfac_optax import _nnx  # builds on this module
 
-        # Pass 2: the loss with zero probes on the outputs, differentiated.
-        def probed_loss(params, probes):
-            interceptor = _Interceptor(blocks, probes)
-            with nn.intercept_methods(interceptor):
-                out = loss_fn(params, *args, **kwargs)
-            loss, aux = out if has_aux else (out, None)
-            if jnp.shape(loss) != ():
-                raise ValueError(
-                    "value_grad_and_stats: loss_fn must return a scalar (the mean loss over the "
-                    f"batch){' as the first item of (loss, aux)' if has_aux else ''}; got shape "
-                    f"{jnp.shape(loss)}"
-                )
-            return loss, (aux, interceptor.inputs)
+            return _nnx.value_grad_and_stats(loss_fn, has_aux, layers, params, args, kwargs)
+        # Pass 1 (abstract, no FLOPs): the blocks and the shapes of their probes.
+        calls, reasons = _abstract_pass(loss_fn, params, args, kwargs)
+        calls = select(calls, layers, reasons)
+        probes = {
+            path: {
+                _PROBES: {
+                    "h": tuple(jnp.zeros(s.shape, s.dtype) for s in call.h),
+                    "delta": tuple(jnp.zeros(s.shape, s.dtype) for s in call.out),
+                }
+            }
+            for path, call in calls.items()
+        }
+        unlifted = {path: call.spec.unlifted() for path, call in calls.items()}
 
-        (loss, (aux, inputs)), (grads, probe_grads) = jax.value_and_grad(
-            probed_loss, argnums=(0, 1), has_aux=True
-        )(params, probes)
-        deltas = {
-            path: [_kinds.BY_NAME[spec.kind].outputs(spec, g) for g in probe_grads[path]]
-            for path, spec in blocks.items()
-        }
-        n = _batch_size(deltas)
-        stats = {
-            path: LayerStats(
-                h=jnp.concatenate(inputs[path], axis=-1 if spec.block == "embed" else -2),
-                delta=n * jnp.concatenate(deltas[path], axis=-2),
-            )
-            for path, spec in blocks.items()
-        }
+        # Pass 2: the loss with every call of a block tapped, differentiated with respect
+        # to the params and the probes (zeros at the layers' nodes of the params).
+        def probed_loss(probed):
+            with nn.intercept_methods(_Interceptor(unlifted)):
+                return split_loss(loss_fn(probed, *args, **kwargs), has_aux)
+
+        (loss, aux), probed_grads = jax.value_and_grad(probed_loss, has_aux=True)(
+            _with_entries(params, probes)
+        )
+        grads, probe_grads = _without(probed_grads, _PROBES, set(calls))
+        stats = stats_of(calls, lambda path: (probe_grads[path]["h"], probe_grads[path]["delta"]))
         return ((loss, aux) if has_aux else loss), grads, stats
 
     return f

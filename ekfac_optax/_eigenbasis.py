@@ -43,7 +43,7 @@ def eigh_all(
 ) -> list[tuple[jax.Array, jax.Array]]:
     """:func:`safe_eigh` of every factor, spread over the devices of ``mesh``.
 
-    A factor of shape ``(G, d, d)`` is a stack of ``G`` factors (one batched
+    A factor of shape ``(*stack, d, d)`` is a stack of factors (one batched
     ``eigh``). Without a mesh (or with one device), one call per factor or stack.
     With a ``mesh`` of more than one device, same-shaped factors (the members of
     stacks included) are stacked and the stack is split along the stack axis over
@@ -52,7 +52,7 @@ def eigh_all(
     results are then replicated (an all-gather of the eigenvalues and eigenvectors).
 
     Args:
-      factors: ``(d, d)`` or ``(G, d, d)`` symmetric PSD matrices.
+      factors: ``(d, d)`` or ``(*stack, d, d)`` symmetric PSD matrices.
       fallbacks: per factor, the ``(eigvals, basis)`` to keep if its decomposition fails
         (with the factor's leading axis).
       mesh: the devices to spread the decompositions over; ``None`` decomposes every factor on
@@ -61,28 +61,41 @@ def eigh_all(
     Returns:
       Per factor, ``(eigvals, basis)`` as :func:`safe_eigh` returns them.
     """
+    # Stacks of any rank as one leading axis.
+    leads = [f.shape[:-2] for f in factors]
+    factors = [
+        f.reshape(-1, *f.shape[-2:]) if lead else f for f, lead in zip(factors, leads, strict=True)
+    ]
+    fallbacks = [
+        (v.reshape(-1, v.shape[-1]), b.reshape(-1, *b.shape[-2:])) if lead else (v, b)
+        for (v, b), lead in zip(fallbacks, leads, strict=True)
+    ]
     if mesh is None or mesh.size == 1:
-        return [
+        out = [
             (jax.vmap(safe_eigh) if f.ndim == 3 else safe_eigh)(f, *fallback)[:2]
             for f, fallback in zip(factors, fallbacks, strict=True)
         ]
-    members, owners = [], []
-    for i, (factor, (vals, basis)) in enumerate(zip(factors, fallbacks, strict=True)):
-        if factor.ndim == 3:
-            members += [(factor[g], (vals[g], basis[g])) for g in range(factor.shape[0])]
-            owners += [i] * factor.shape[0]
-        else:
-            members.append((factor, (vals, basis)))
-            owners.append(i)
-    decomposed = _eigh_spread([m[0] for m in members], [m[1] for m in members], mesh)
-    out = []
-    for i, factor in enumerate(factors):
-        mine = [d for d, owner in zip(decomposed, owners, strict=True) if owner == i]
-        if factor.ndim == 3:
-            out.append((jnp.stack([v for v, _ in mine]), jnp.stack([b for _, b in mine])))
-        else:
-            out.append(mine[0])
-    return out
+    else:
+        members, owners = [], []
+        for i, (factor, (vals, basis)) in enumerate(zip(factors, fallbacks, strict=True)):
+            if factor.ndim == 3:
+                members += [(factor[g], (vals[g], basis[g])) for g in range(factor.shape[0])]
+                owners += [i] * factor.shape[0]
+            else:
+                members.append((factor, (vals, basis)))
+                owners.append(i)
+        decomposed = _eigh_spread([m[0] for m in members], [m[1] for m in members], mesh)
+        out = []
+        for i, factor in enumerate(factors):
+            mine = [d for d, owner in zip(decomposed, owners, strict=True) if owner == i]
+            if factor.ndim == 3:
+                out.append((jnp.stack([v for v, _ in mine]), jnp.stack([b for _, b in mine])))
+            else:
+                out.append(mine[0])
+    return [
+        (v.reshape(*lead, v.shape[-1]), b.reshape(*lead, *b.shape[-2:])) if lead else (v, b)
+        for (v, b), lead in zip(out, leads, strict=True)
+    ]
 
 
 def _eigh_spread(factors, fallbacks, mesh: Mesh) -> list[tuple[jax.Array, jax.Array]]:

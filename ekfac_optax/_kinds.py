@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import nnx
 
 from ekfac_optax import _patches
 from ekfac_optax._blocks import BlockSpec, BlockType, curvature_dtype
@@ -40,8 +41,23 @@ EMBEDDING = "embedding"
 SCALE = "scale"
 
 
-def _params_of(module: nn.Module, names: Sequence[str]) -> dict[str, Any]:
+def is_nnx(x: Any) -> bool:
+    """Whether ``x`` is a Flax NNX module."""
+    return isinstance(x, nnx.Module)
+
+
+def params_of(module: Any, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The module's own parameters (of ``names``, or all) as arrays: a linen module's
+    ``"params"`` collection, an NNX module's ``nnx.Param`` attributes."""
+    if isinstance(module, nnx.Module):
+        names = names if names is not None else sorted(vars(module))
+        return {
+            name: getattr(module, name).get_value()
+            for name in names
+            if isinstance(getattr(module, name, None), nnx.Param)
+        }
     params = module.variables.get("params", {})
+    names = names if names is not None else sorted(params)
     return {name: params[name] for name in names if name in params}
 
 
@@ -75,10 +91,10 @@ class _Kind:
 
     name: str
     block: BlockType
-    modules: tuple[type, ...] = ()
+    modules: tuple[type, ...] = ()  # linen and NNX classes
     method: str = "__call__"
 
-    def matches(self, module: nn.Module, method: str) -> bool:
+    def matches(self, module: Any, method: str) -> bool:
         return method == self.method and isinstance(module, self.modules)
 
     def spec(self, path: str, module: nn.Module, x: Any) -> BlockSpec | str:
@@ -107,11 +123,11 @@ def first_input(args, kwargs) -> Any:
 
 
 class _Dense(_Kind):
-    name, block, modules = "dense", "kronecker", (nn.Dense,)
+    name, block, modules = "dense", "kronecker", (nn.Dense, nnx.Linear)
 
     def spec(self, path, module, x):
         _need_batch_axis(path, x, 2, "(batch, ..., features)")
-        params = _params_of(module, (KERNEL, BIAS))
+        params = params_of(module, (KERNEL, BIAS))
         kernel = params[KERNEL]
         return _spec(
             path, self.name, self.block, params, d_in=kernel.shape[0], d_out=kernel.shape[1]
@@ -133,16 +149,19 @@ class _DenseGeneral(_Kind):
     examples and the others are positions. ``layout`` is ``(batch_dims, axis)`` with ``axis``
     counted from the end, so that calls on inputs of other ranks share the block."""
 
-    name, block, modules = "dense_general", "kronecker", (nn.DenseGeneral,)
+    name, block, modules = "dense_general", "kronecker", (nn.DenseGeneral, nnx.LinearGeneral)
 
     def spec(self, path, module, x):
         ndim = jnp.ndim(x)
-        batch_dims = _axes(module.batch_dims, ndim) if module.batch_dims else ()
+        batch_dims = (
+            tuple(module.batch_axis) if isinstance(module, nnx.Module) else module.batch_dims
+        )
+        batch_dims = _axes(batch_dims, ndim) if batch_dims else ()
         _need_batch_axis(path, x, len(batch_dims) + 2, "(batch_dims..., batch, ..., features)")
         axis = _axes(module.axis, ndim)
         if len(batch_dims) in axis:
             return f"DenseGeneral contracts axis {len(batch_dims)}, its example axis"
-        params = _params_of(module, (KERNEL, BIAS))
+        params = params_of(module, (KERNEL, BIAS))
         shape = jnp.shape(x)
         return _spec(
             path,
@@ -171,7 +190,7 @@ class _Conv(_Kind):
     """``nn.Conv`` with ``feature_group_count = G``: ``G`` blocks (stacked when ``G > 1``) of the
     SUA patches of each group's input channels; ``layout`` is ``(geometry, G)``."""
 
-    name, block, modules = "conv", "kronecker", (nn.Conv,)
+    name, block, modules = "conv", "kronecker", (nn.Conv, nnx.Conv)
 
     def geometry(self, module):
         return _patches.conv_geometry(module)
@@ -183,7 +202,7 @@ class _Conv(_Kind):
         if module.mask is not None:
             return f"{type(module).__name__} with a mask"
         groups = getattr(module, "feature_group_count", 1)
-        params = _params_of(module, (KERNEL, BIAS))
+        params = params_of(module, (KERNEL, BIAS))
         kernel_shape = jnp.shape(params[KERNEL])
         d_out = kernel_shape[-1] // groups
         return _spec(
@@ -235,7 +254,7 @@ class _ConvTranspose(_Conv):
     flipped in space with its channel axes swapped; the block matrix is that of the kernel
     actually applied."""
 
-    name, block, modules = "conv_transpose", "kronecker", (nn.ConvTranspose,)
+    name, block, modules = "conv_transpose", "kronecker", (nn.ConvTranspose, nnx.ConvTranspose)
 
     def geometry(self, module):
         return _patches.conv_transpose_geometry(module)
@@ -274,7 +293,7 @@ class _ConvTranspose(_Conv):
 class _Embed(_Kind):
     """``nn.Embed`` called on integer ids: ``h`` are the ids, ``(N, T)``."""
 
-    name, block, modules = "embed", "embed", (nn.Embed,)
+    name, block, modules = "embed", "embed", (nn.Embed, nnx.Embed)
 
     def spec(self, path, module, x):
         dtype = jnp.result_type(x)
@@ -284,7 +303,7 @@ class _Embed(_Kind):
                 f"(batch, ...), got {dtype} of shape {jnp.shape(x)}"
             )
         _need_batch_axis(path, x, 1, "(batch, ...) token ids")
-        params = _params_of(module, (EMBEDDING,))
+        params = params_of(module, (EMBEDDING,))
         vocab, features = jnp.shape(params[EMBEDDING])
         return _spec(path, self.name, self.block, params, d_in=vocab, d_out=features)
 
@@ -299,7 +318,7 @@ class _Embed(_Kind):
 class _EmbedAttend(_Kind):
     """``nn.Embed.attend`` (a tied output layer): its embedding then has two roles."""
 
-    name, block, modules, method = "embed_attend", "embed", (nn.Embed,), "attend"
+    name, block, modules, method = "embed_attend", "embed", (nn.Embed, nnx.Embed), "attend"
 
     def spec(self, path, module, x):
         return "nn.Embed used through attend (a tied output layer)"
@@ -312,17 +331,18 @@ class _ScaleAndShift(_Kind):
 
     name, block = "scale_and_shift", "diagonal"
     modules = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm, nn.GroupNorm, nn.InstanceNorm)
+    modules += (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm, nnx.GroupNorm)
 
     def feature_axes(self, module, ndim):
-        if isinstance(module, nn.BatchNorm):
+        if isinstance(module, (nn.BatchNorm, nnx.BatchNorm)):
             return _axes(module.axis, ndim)
-        if isinstance(module, nn.GroupNorm):
+        if isinstance(module, (nn.GroupNorm, nnx.GroupNorm)):
             return (ndim - 1,)
         return _axes(module.feature_axes, ndim)
 
     def spec(self, path, module, x):
         _need_batch_axis(path, x, 2, "(batch, ..., features)")
-        params = _params_of(module, (SCALE, BIAS))
+        params = params_of(module, (SCALE, BIAS))
         if not params:
             return "normalisation without scale or bias"
         axes = self.feature_axes(module, jnp.ndim(x))
@@ -340,10 +360,19 @@ class _ScaleAndShift(_Kind):
         )
 
     def inputs(self, spec, module, args, kwargs):
+        if isinstance(module, nnx.Module):
+            # A copy with unit scale and zero shift (its running statistics are discarded).
+            unit = nnx.clone(module)
+            for name, value in params_of(module, spec.names).items():
+                getattr(unit, name).set_value(
+                    jnp.ones_like(value) if name == SCALE else jnp.zeros_like(value)
+                )
+            return self.outputs(spec, getattr(type(unit), self.method)(unit, *args, **kwargs))
         variables = dict(module.variables)
         variables["params"] = {
             name: jnp.ones_like(p) if name == SCALE else jnp.zeros_like(p)
             for name, p in variables["params"].items()
+            if name in spec.names
         }
         normalised = module.clone(parent=None).apply(variables, *args, **kwargs, mutable=True)[0]
         return self.outputs(spec, normalised)
@@ -377,12 +406,22 @@ def kind_of(module: nn.Module, method: str) -> _Kind | None:
 # --- The block matrix of a spec's parameters, and back --------------------------------------------
 
 
+def over_lifted(fn, spec: BlockSpec):
+    """``fn`` of one lifted copy of a layer, mapped over the ``spec.lifted`` axes."""
+    for _ in spec.lifted:
+        fn = jax.vmap(fn)
+    return fn
+
+
 def to_matrix(node: Mapping[str, jax.Array], spec: BlockSpec) -> jax.Array:
     """A block's parameters as its matrix, in the curvature dtype.
 
     Kronecker: ``[W; b]`` of shape ``(*stack, d_in_aug, d_out)``; embed: ``(vocab, d)``;
-    diagonal: ``[scale.ravel(); bias.ravel()]`` of shape ``(d_out,)``.
+    diagonal: ``[scale.ravel(); bias.ravel()]`` of shape ``(*stack, d_out)``.
     """
+    if spec.lifted:
+        node = {name: node[name] for name in spec.names}
+        return over_lifted(lambda n: to_matrix(n, spec.unlifted()), spec)(node)
     if spec.block == "diagonal":
         return jnp.concatenate([jnp.ravel(node[n]).astype(spec.dtype) for n in spec.names])
     kind = BY_NAME[spec.kind]
@@ -396,6 +435,10 @@ def to_matrix(node: Mapping[str, jax.Array], spec: BlockSpec) -> jax.Array:
 def from_matrix(matrix: jax.Array, like: Mapping[str, jax.Array], spec: BlockSpec) -> dict:
     """Inverse of :func:`to_matrix`, with the shapes and dtypes of ``like``."""
     out = dict(like)
+    if spec.lifted:
+        inner = over_lifted(lambda m, n: from_matrix(m, n, spec.unlifted()), spec)
+        out.update(inner(matrix, {name: like[name] for name in spec.names}))
+        return out
     if spec.block == "diagonal":
         offset = 0
         for name in spec.names:

@@ -9,7 +9,8 @@
 4. :func:`fallback`: ``g / (s + damping)`` for every parameter in no block.
 
 Each takes the block's :class:`~ekfac_optax._blocks.BlockSpec` and state and the
-static :class:`Config`; stacked blocks (``spec.stack == (G,)``) are mapped over.
+static :class:`Config`; stacked blocks (``spec.stack``: lifted copies of a layer,
+groups) are mapped over.
 """
 
 import functools
@@ -24,8 +25,10 @@ Scaling = Literal["batch", "running", "kfac"]
 
 
 def _stacked(fn, spec):
-    """``fn`` of one Kronecker block, mapped over the leading axis of a stacked block."""
-    return jax.vmap(fn) if spec.stack else fn
+    """``fn`` of one block, mapped over the leading axes of a stacked block."""
+    for _ in spec.stack:
+        fn = jax.vmap(fn)
+    return fn
 
 
 class Config(NamedTuple):
@@ -127,17 +130,17 @@ def _divide(grad_kfe, scalings, block, damping, positions, config: Config):
 def precondition(spec, block, grad, h, delta, n, count, damping, config: Config):
     """Stage 3: one block's update in the parameter basis, and its new state."""
     if spec.block == "diagonal":
-        if config.scaling == "running":
-            scalings = _factors.debiased_ema(
-                block.scalings, n * grad**2, config.scaling_decay, count
-            )
-        else:
+
+        def one_diagonal(scalings, grad, h, delta):
+            if config.scaling == "running":
+                return _factors.debiased_ema(scalings, n * grad**2, config.scaling_decay, count)
             per_example = _scalings.scale_and_shift_grads(h, delta, spec.names)
-            scalings = jnp.mean(per_example**2, axis=0)
+            batch = jnp.mean(per_example**2, axis=0)
             if config.scaling == "kfac":
-                scalings = _factors.debiased_ema(
-                    block.scalings, scalings, config.factor_decay, count
-                )
+                return _factors.debiased_ema(scalings, batch, config.factor_decay, count)
+            return batch
+
+        scalings = _stacked(one_diagonal, spec)(block.scalings, grad, h, delta)
         update = _scalings.divide(grad, scalings + jnp.asarray(damping, grad.dtype), damping)
         return update, block._replace(scalings=scalings)
     positions = _positions(spec, h, config)

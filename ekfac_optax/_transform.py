@@ -37,7 +37,8 @@ ScalarOrSchedule = jax.typing.ArrayLike | optax.Schedule
 class BlockState(NamedTuple):
     """Curvature of one Kronecker block; ``a = d_in (+1 with bias)``, ``b = d_out``.
 
-    A stacked block (``spec.stack == (G,)``) has a leading axis ``G`` on every field.
+    A stacked block (``spec.stack``, e.g. ``(L,)`` scanned layers or ``(G,)`` groups) has those
+    leading axes on every field.
 
     Attributes:
       factor_a: ``(a, a)`` moving average of ``A = E[h_aug h_augᵀ]``.
@@ -83,7 +84,7 @@ class DiagonalState(NamedTuple):
     """Curvature of a diagonal block (a normalisation's ``[scale; bias]``, ``P`` scalars).
 
     Attributes:
-      scalings: ``(P,)`` the diagonal ``s`` of the last update.
+      scalings: ``(*stack, P)`` the diagonal ``s`` of the last update.
     """
 
     scalings: jax.Array
@@ -116,7 +117,7 @@ def _all_finite(tree: Any) -> jax.Array:
 def _init_block(spec: _blocks.BlockSpec) -> BlockState | EmbedState | DiagonalState:
     a, b, dtype = spec.d_in_aug, spec.d_out, spec.dtype
     if spec.block == "diagonal":
-        return DiagonalState(scalings=jnp.zeros((b,), dtype))
+        return DiagonalState(scalings=jnp.zeros((*spec.stack, b), dtype))
     eye_b = jnp.eye(b, dtype=dtype)
     if spec.block == "embed":
         return EmbedState(
@@ -169,6 +170,7 @@ def _scale_by_kfe(
     fallback_decay = config.factor_decay if config.scaling == "kfac" else config.scaling_decay
 
     def init_fn(params):
+        params = _blocks.as_arrays(params)  # nnx.Optimizer passes nnx.Param variables
         _blocks.check_params(params, blocks, "init")
         leaves = _blocks.fallback_leaves(params, blocks) if fallback == "diagonal" else {}
         return ScaleByEkfacState(

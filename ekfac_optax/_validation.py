@@ -65,7 +65,7 @@ def check_blocks(blocks: Any) -> dict[str, _blocks.BlockSpec]:
 
 def _expected_state_shape(spec: _blocks.BlockSpec) -> tuple[int, ...]:
     if spec.block == "diagonal":
-        return (spec.d_out,)
+        return (*spec.stack, spec.d_out)
     return (*spec.stack, spec.d_in_aug, spec.d_out)
 
 
@@ -115,7 +115,7 @@ def _expected_stats(spec: _blocks.BlockSpec, n, t) -> tuple[tuple, tuple]:
     if spec.block == "embed":
         return (n, t), (n, t, spec.d_out)
     if spec.block == "diagonal":
-        return (n, t, spec.d_in), (n, t, spec.d_in)
+        return (*spec.stack, n, t, spec.d_in), (*spec.stack, n, t, spec.d_in)
     return (*spec.stack, n, t, spec.d_in), (*spec.stack, n, t, spec.d_out)
 
 

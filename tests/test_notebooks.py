@@ -17,7 +17,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
-NOTEBOOKS = ("01_quickstart", "02_inside_ekfac", "03_convnets", "04_paper_autoencoder")
+NOTEBOOKS = (
+    "01_quickstart",
+    "02_inside_ekfac",
+    "03_convnets",
+    "04_paper_autoencoder",
+    "05_nnx_and_transformers",
+)
 REPOSITORY = "ekfac-optax/ekfac_optax"  # the placeholder owner/name, see notebooks/README.md
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 # What a notebook may import: it must run alone in Colab, without benchmarks/ or tests/.
@@ -47,7 +53,7 @@ def code_cells(notebook: dict) -> list[dict]:
     return [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
 
 
-def test_the_notebooks_are_the_numbered_four():
+def test_the_notebooks_are_the_numbered_five():
     assert sorted(path.stem for path in NOTEBOOK_DIR.glob("*.ipynb")) == list(NOTEBOOKS)
 
 

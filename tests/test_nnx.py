@@ -1,0 +1,361 @@
+"""Flax NNX models (issue 15): the same layer-kind table as linen, checked against linen twins.
+
+Each NNX model here has a linen twin with the same parameter tree; both get the same float64
+weights. Capture goes through different code (patched NNX methods on a tagged copy of the model
+vs. linen's method interceptor), the forward passes are the same arithmetic, so blocks agree
+exactly and stats, grads and updates to round-off: measured ``<= 1e-15`` relative to each layer's
+norm (``test_transforms.assert_trees_close``); tolerance ``RTOL = 1e-8`` (``test_kinds.py``).
+Batches have more examples than any factor's size and no layer has repeated eigenvalues (a
+``ConvTranspose`` with kernel = stride would: its patches hold each kernel offset equally often, so
+that ``A`` has identical diagonal blocks), so that the eigenbases are unique and the
+trajectories of 3 steps of ``nnx.Optimizer`` under ``nnx.jit`` stay equal (tolerance ``1e-10``:
+round-off growing over 3 preconditioned steps, measured ``<= 1e-13``).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from test_kinds import METHODS, classifier_loss, normal_batch, stepper, transforms
+from test_transforms import assert_trees_close, init_params
+
+import ekfac_optax as ek
+
+F64 = dict(param_dtype=jnp.float64)
+TRAJECTORY = 1e-10  # see the module docstring
+
+
+# --- Twins ----------------------------------------------------------------------------------------
+
+
+class LinenMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.LayerNorm(name="norm")(jnp.tanh(nn.Dense(8, name="hidden")(x)))
+        return nn.Dense(3, name="head")(x)
+
+
+class NnxMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.hidden = nnx.Linear(4, 8, rngs=rngs, **F64)
+        self.norm = nnx.LayerNorm(8, rngs=rngs, **F64)
+        self.head = nnx.Linear(8, 3, rngs=rngs, **F64)
+
+    def __call__(self, x):
+        return self.head(self.norm(jnp.tanh(self.hidden(x))))
+
+
+class LinenCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(4, (3, 3), name="conv")(x)
+        x = nn.relu(nn.GroupNorm(num_groups=2, name="group_norm")(x))
+        x = nn.ConvTranspose(4, (3, 3), strides=(2, 2), name="up")(x)
+        x = nn.Conv(4, (3, 3), feature_group_count=4, name="depthwise")(x)
+        return nn.Dense(3, name="head")(x.mean(axis=(1, 2)))
+
+
+class NnxCNN(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs, **F64)
+        self.group_norm = nnx.GroupNorm(4, num_groups=2, rngs=rngs, **F64)
+        self.up = nnx.ConvTranspose(4, 4, (3, 3), strides=(2, 2), rngs=rngs, **F64)
+        self.depthwise = nnx.Conv(4, 4, (3, 3), feature_group_count=4, rngs=rngs, **F64)
+        self.head = nnx.Linear(4, 3, rngs=rngs, **F64)
+
+    def __call__(self, x):
+        x = nnx.relu(self.group_norm(self.conv(x)))
+        return self.head(self.depthwise(self.up(x)).mean(axis=(1, 2)))
+
+
+VOCAB, WIDTH, HEADS = 7, 8, 2
+
+
+def attention(q, k, v):
+    """The same attention for both twins (``(N, T, heads, head dim)``)."""
+    return jax.nn.dot_product_attention(q, k, v)
+
+
+class LinenTransformerBlock(nn.Module):
+    """Embed, LayerNorm, attention from ``DenseGeneral`` projections, a Dense MLP. (Flax's two
+    stock attention modules differ by ~6e-8 in float64, so the twins share one attention.)"""
+
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(VOCAB, WIDTH, name="embed")(ids)
+        h = nn.LayerNorm(name="ln")(x)
+        q, k, v = (
+            nn.DenseGeneral((HEADS, WIDTH // HEADS), name=name)(h)
+            for name in ("query", "key", "value")
+        )
+        x = x + nn.DenseGeneral(WIDTH, axis=(-2, -1), name="out")(attention(q, k, v))
+        x = x + nn.Dense(WIDTH, name="mlp_out")(nn.gelu(nn.Dense(16, name="mlp_in")(x)))
+        return nn.Dense(VOCAB, name="head")(x)
+
+
+class NnxTransformerBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(VOCAB, WIDTH, rngs=rngs, **F64)
+        self.ln = nnx.LayerNorm(WIDTH, rngs=rngs, **F64)
+        for name in ("query", "key", "value"):
+            setattr(self, name, nnx.LinearGeneral(WIDTH, (HEADS, WIDTH // HEADS), rngs=rngs, **F64))
+        self.out = nnx.LinearGeneral(
+            (HEADS, WIDTH // HEADS), WIDTH, axis=(-2, -1), rngs=rngs, **F64
+        )
+        self.mlp_in = nnx.Linear(WIDTH, 16, rngs=rngs, **F64)
+        self.mlp_out = nnx.Linear(16, WIDTH, rngs=rngs, **F64)
+        self.head = nnx.Linear(WIDTH, VOCAB, rngs=rngs, **F64)
+
+    def __call__(self, ids):
+        x = self.embed(ids)
+        h = self.ln(x)
+        x = x + self.out(attention(self.query(h), self.key(h), self.value(h)))
+        x = x + self.mlp_out(nnx.gelu(self.mlp_in(x)))
+        return self.head(x)
+
+
+def twins(name: str):
+    """``(linen model, nnx model with the linen weights, linen params, batch)``."""
+    rng = np.random.default_rng(5)
+    if name == "mlp":
+        linen, model, batch = LinenMLP(), NnxMLP(nnx.Rngs(0)), normal_batch(0, (32, 4), (32,))
+    elif name == "cnn":
+        linen, model = LinenCNN(), NnxCNN(nnx.Rngs(0))
+        batch = normal_batch(1, (24, 5, 5, 1), (24,))
+    else:
+        linen, model = LinenTransformerBlock(), NnxTransformerBlock(nnx.Rngs(0))
+        ids = jnp.asarray(rng.integers(0, VOCAB, (8, 6)), jnp.int32)
+        batch = (ids, jnp.asarray(rng.integers(0, VOCAB, (8, 6)), jnp.int32))
+    params = init_params(linen, batch[0])
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return linen, model, params, batch
+
+
+def nnx_loss(model, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+def test_nnx_twin_gives_the_linen_updates(name):
+    """Blocks, stats, grads and the updates of EKFAC, EKFAC-ra and KFAC of an NNX model equal
+    those of its linen twin; ``summarize`` takes the NNX model and shows the same table."""
+    linen, model, params, batch = twins(name)
+    linen_loss = classifier_loss(linen)
+    blocks = ek.find_blocks(linen_loss, params, *batch)
+    assert ek.find_blocks(nnx_loss, model, *batch) == blocks
+    assert ek.summarize(model, blocks) == ek.summarize(params, blocks)
+    assert ek.summarize(nnx.state(model, nnx.Param), blocks) == ek.summarize(params, blocks)
+    assert "identity" not in ek.summarize(model, blocks)
+
+    # Both eagerly: jitted and eager float64 differ by up to ~1e-8 here (XLA's fusions).
+    txs = transforms(blocks)
+    _, expected_grads, expected_stats = ek.value_grad_and_stats(linen_loss)(params, *batch)
+    _, grads, stats = ek.value_grad_and_stats(nnx_loss)(model, *batch)
+    assert isinstance(grads, nnx.State)
+    grads = nnx.to_pure_dict(grads)
+    assert_trees_close((grads, stats), (expected_grads, expected_stats), name)
+    for method, tx in txs.items():
+        update, _ = tx.update(grads, tx.init(params), params, stats=stats)
+        expected, _ = tx.update(expected_grads, tx.init(params), params, stats=expected_stats)
+        assert_trees_close(update, expected, (name, method))
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_nnx_optimizer_trains_like_linen(name):
+    """3 steps of ``nnx.Optimizer(model, ek.ekfac(...), wrt=nnx.Param)`` under ``nnx.jit``,
+    ``optimizer.update(model, grads, stats=stats)``, follow the linen twin's trajectory."""
+    linen, model, params, batch = twins(name)
+    linen_loss = classifier_loss(linen)
+    blocks = ek.find_blocks(nnx_loss, model, *batch)
+    optimizer = nnx.Optimizer(model, ek.ekfac(0.1, blocks=blocks), wrt=nnx.Param)
+
+    @nnx.jit
+    def nnx_step(model, optimizer, x, y):
+        loss, grads, stats = ek.value_grad_and_stats(nnx_loss)(model, x, y)
+        optimizer.update(model, grads, stats=stats)
+        return loss
+
+    tx = ek.ekfac(0.1, blocks=blocks)
+
+    @jax.jit
+    def linen_step(params, state, x, y):
+        loss, grads, stats = ek.value_grad_and_stats(linen_loss)(params, x, y)
+        updates, state = tx.update(grads, state, params, stats=stats)
+        return optax.apply_updates(params, updates), state, loss
+
+    state = tx.init(params)
+    for _ in range(3):
+        loss = nnx_step(model, optimizer, *batch)
+        params, state, expected_loss = linen_step(params, state, *batch)
+        np.testing.assert_allclose(loss, expected_loss, rtol=TRAJECTORY)
+    assert_trees_close(nnx.to_pure_dict(nnx.state(model, nnx.Param)), params, name, TRAJECTORY)
+
+
+# --- NNX transforms -------------------------------------------------------------------------------
+
+
+class NnxLayer(nnx.Module):
+    def __init__(self, rngs):
+        self.norm = nnx.LayerNorm(6, rngs=rngs, **F64)
+        self.dense = nnx.Linear(6, 6, rngs=rngs, **F64)
+
+    def __call__(self, x):
+        return x + jnp.tanh(self.dense(self.norm(x)))
+
+
+class NnxScanned(nnx.Module):
+    """3 layers created by ``nnx.vmap`` (stacked params) and applied by ``nnx.scan``, optionally
+    under ``nnx.remat``: the NNX idiom for deep stacks."""
+
+    def __init__(self, rngs, remat=False):
+        self.embed = nnx.Linear(6, 6, rngs=rngs, **F64)
+
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return NnxLayer(rngs)
+
+        self.stack = make(rngs)
+        self.head = nnx.Linear(6, 3, rngs=rngs, **F64)
+        self.remat = remat
+
+    def __call__(self, x):
+        def layer(x, layer):
+            return layer(x)
+
+        layer = nnx.remat(layer) if self.remat else layer
+        body = nnx.scan(layer, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        return self.head(body(self.embed(x), self.stack))
+
+
+class LinenLayer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _=None):
+        return x + jnp.tanh(nn.Dense(6, name="dense")(nn.LayerNorm(name="norm")(x))), None
+
+
+class LinenScanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(6, name="embed")(x)
+        stack = nn.scan(
+            LinenLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )
+        x, _ = stack(name="stack")(x, None)
+        return nn.Dense(3, name="head")(x)
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["scan", "scan_remat"])
+def test_nnx_scan_over_layers_equals_linen_scan(remat):
+    """``nnx.vmap``-created, ``nnx.scan``-applied layers (with ``nnx.remat``) are stacked blocks
+    (``lifted == (3,)``), and their stats and updates equal the linen ``nn.scan`` twin's, under
+    ``nnx.jit``."""
+    x, y = normal_batch(7, (32, 6), (32,))
+    linen = LinenScanned()
+    params = init_params(linen, x)
+    model = NnxScanned(nnx.Rngs(0), remat=remat)
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    blocks = ek.find_blocks(nnx_loss, model, x, y)
+    assert blocks == ek.find_blocks(classifier_loss(linen), params, x, y)
+    assert blocks["stack/dense"].lifted == (3,) and blocks["stack/norm"].lifted == (3,)
+    txs = transforms(blocks)
+    expected, _, expected_grads, expected_stats = stepper(classifier_loss(linen), txs)(
+        params, None, x, y
+    )
+    _, grads, stats = nnx.jit(ek.value_grad_and_stats(nnx_loss))(model, x, y)
+    grads = nnx.to_pure_dict(grads)
+    assert_trees_close((grads, stats), (expected_grads, expected_stats), remat)
+    for method in METHODS:
+        update, _ = txs[method].update(grads, txs[method].init(params), params, stats=stats)
+        assert_trees_close(update, expected[method], (remat, method))
+
+
+class NnxBatchNormNet(nnx.Module):
+    def __init__(self, rngs):
+        self.dense = nnx.Linear(4, 6, rngs=rngs, **F64)
+        self.bn = nnx.BatchNorm(6, rngs=rngs, **F64)
+        self.head = nnx.Linear(6, 3, rngs=rngs, **F64)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.bn(self.dense(x))))
+
+
+def test_nnx_batch_norm_statistics_are_updated_once():
+    """Like ``nnx.value_and_grad``, capture writes the state the loss changed (BatchNorm's
+    running statistics) back to the model, once per call (not by the abstract pass or the
+    normalised-input computation); the params stay unchanged."""
+    x, y = normal_batch(8, (32, 4), (32,))
+    model = NnxBatchNormNet(nnx.Rngs(0))
+    reference = nnx.clone(model)
+    _, expected_grads = nnx.value_and_grad(nnx_loss)(reference, x, y)
+    _, grads, stats = ek.value_grad_and_stats(nnx_loss)(model, x, y)
+    assert_trees_close(nnx.to_pure_dict(grads), nnx.to_pure_dict(expected_grads), "grads")
+    assert_trees_close(
+        nnx.to_pure_dict(nnx.state(model)), nnx.to_pure_dict(nnx.state(reference)), "state"
+    )
+    assert set(stats) == {"dense", "bn", "head"}
+
+
+def test_nnx_model_without_layers_of_the_table_raises():
+    """An NNX model whose loss calls none of its table layers (here: a layer created inside the
+    loss) raises a ValueError naming the cause, never empty stats."""
+    model = NnxMLP(nnx.Rngs(0))
+
+    def loss_fn(model, x, y):
+        other = NnxMLP(nnx.Rngs(1))
+        return nnx_loss(other, x, y) + 0.0 * model.head.bias[...].sum()
+
+    x, y = normal_batch(9, (8, 4), (8,))
+    with pytest.raises(ValueError, match="called no NNX layer"):
+        ek.value_grad_and_stats(loss_fn)(model, x, y)
+
+
+class NnxStockTransformer(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(VOCAB, WIDTH, rngs=rngs)
+        self.ln = nnx.LayerNorm(WIDTH, rngs=rngs)
+        self.attention = nnx.MultiHeadAttention(HEADS, WIDTH, decode=False, rngs=rngs)
+        self.head = nnx.Linear(WIDTH, VOCAB, rngs=rngs)
+
+    def __call__(self, ids):
+        x = self.embed(ids)
+        h = self.ln(x)
+        return self.head(x + self.attention(h, mask=nnx.make_causal_mask(ids)))
+
+
+def test_nnx_multi_head_attention_is_covered_and_trains():
+    """``nnx.MultiHeadAttention`` (float32, causal mask): every projection is a block, nothing
+    gets the identity, and 5 steps of ``nnx.Optimizer`` under ``nnx.jit`` lower the loss."""
+    model = NnxStockTransformer(nnx.Rngs(0))
+    rng = np.random.default_rng(6)
+    ids = jnp.asarray(rng.integers(0, VOCAB, (16, 6)), jnp.int32)
+    targets = jnp.roll(ids, -1, axis=1)
+    blocks = ek.find_blocks(nnx_loss, model, ids, targets)
+    kinds = {path: spec.kind for path, spec in blocks.items()}
+    assert kinds == {
+        "attention/query": "dense_general",
+        "attention/key": "dense_general",
+        "attention/value": "dense_general",
+        "attention/out": "dense_general",
+        "embed": "embed",
+        "ln": "scale_and_shift",
+        "head": "dense",
+    }, kinds
+    assert "identity" not in ek.summarize(model, blocks)
+    optimizer = nnx.Optimizer(model, ek.ekfac(0.03, blocks=blocks), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, ids, targets):
+        loss, grads, stats = ek.value_grad_and_stats(nnx_loss)(model, ids, targets)
+        optimizer.update(model, grads, stats=stats)
+        return loss
+
+    losses = [float(step(model, optimizer, ids, targets)) for _ in range(5)]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
