@@ -93,6 +93,13 @@ class BlockSpec:
         return f"kronecker block {size} of {where} [{kind}]"
 
 
+def vmapped(fn, axes: Sequence[int]):
+    """``fn`` mapped over ``len(axes)`` leading axes (those of a stack)."""
+    for _ in axes:
+        fn = jax.vmap(fn)
+    return fn
+
+
 def curvature_dtype(dtype: Any) -> Any:
     """float32 for 16-bit parameters, the parameters' own dtype otherwise."""
     dtype = jnp.dtype(dtype)

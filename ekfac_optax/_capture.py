@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.interpreters import partial_eval as pe
 
 from ekfac_optax import _blocks, _kinds
 
@@ -90,7 +91,7 @@ def _refuse_mapped_inputs(path: str, x: jax.Array, weight: jax.Array) -> None:
 
 
 class _Interceptor:
-    """Looks module calls up in the kind table; calls are numbered per module instance.
+    """Looks module calls up in the kind table; the calls of a path are numbered in order.
 
     Without ``blocks`` (the abstract pass) it records, per path and call, the spec or
     fallback reason and the shapes of ``h`` and of the output. With ``blocks`` (unlifted
@@ -100,7 +101,7 @@ class _Interceptor:
     def __init__(self, blocks: dict | None = None):
         self.blocks = blocks
         self.found: dict[str, dict[int, tuple]] = {}
-        self.calls: dict[int, list] = {}  # id(module) -> [module, number of calls so far]
+        self.calls: dict[str, int] = {}  # path -> index of its last call
         self.modules = 0
         self.busy = False
 
@@ -131,12 +132,12 @@ class _Interceptor:
         kind = _kinds.kind_of(module, method)
         if kind is None or (self.blocks is not None and path not in self.blocks):
             return next_fun(*args, **kwargs)
-        # A retrace of a transform's body (a new module instance) numbers its calls anew.
-        counter = self.calls.setdefault(id(module), [module, 0])
-        index, counter[1] = counter[1], counter[1] + 1
         x = _kinds.first_input(args, kwargs)
+        weights = jax.tree.leaves(_kinds.params_of(module))
+        if _in_partial_eval(x, weights):
+            return next_fun(*args, **kwargs)
+        index = self.calls[path] = self.calls.get(path, -1) + 1  # calls of a path, in order
         if self.blocks is None:
-            weights = jax.tree.leaves(_kinds.params_of(module))
             if weights:
                 _refuse_mapped_inputs(path, x, weights[0])
             spec = kind.spec(path, module, x)
@@ -157,6 +158,14 @@ class _Interceptor:
         return _tap(out, h.astype(probe_h.dtype), probe_h, probe_delta)
 
 
+def _in_partial_eval(x, weights) -> bool:
+    """Whether a call runs in a partial-evaluation trace whose results are discarded: Flax's
+    ``nn.scan`` traces its body once that way (to check that broadcast values are loop
+    invariants) before the scan itself. Such calls are neither recorded nor tapped, so that
+    the calls of a path are numbered once each, in order."""
+    return any(isinstance(leaf, pe.JaxprTracer) for leaf in [x, *weights])
+
+
 def _shape_of(x) -> jax.ShapeDtypeStruct | None:
     return None if x is None else jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
 
@@ -174,9 +183,14 @@ def _lift(spec: _blocks.BlockSpec, params: Any) -> _blocks.BlockSpec | str:
     """``spec`` (as the layer saw its parameters) with the leading axes that a lifted
     transform (``nn.scan``, ``nn.vmap``) added to them in ``params``; or why not."""
     node = _blocks.subtree(params, spec.path)
+    if node is None:
+        return (
+            f"no node {spec.path!r} in the params given (the loss applies the layer with "
+            "parameters from elsewhere)"
+        )
     leads = set()
     for name, inner in spec.params:
-        outer = tuple(jnp.shape(node[name])) if node is not None and name in node else None
+        outer = tuple(jnp.shape(node[name])) if name in node else None
         if outer is None or len(outer) < len(inner) or outer[len(outer) - len(inner) :] != inner:
             return (
                 f"parameter {name!r} of shape {outer} is seen by the layer as {inner} (a "
@@ -216,10 +230,15 @@ def _resolve(found: dict[str, dict[int, tuple]], params: Any):
         def lifted(shape, spec=spec):
             return jax.ShapeDtypeStruct(spec.lifted + shape.shape, shape.dtype)
 
-        h = tuple(
-            lifted(h) if spec.block != "embed" else jax.ShapeDtypeStruct(h.shape, jnp.float32)
-            for _, h, _ in calls
-        )
+        def probe_h(h, spec=spec):
+            # Differentiated, so float: token ids as float32 (exact below 2^24, never lifted),
+            # other integer inputs (e.g. uint8 images) in the curvature dtype.
+            if spec.block == "embed":
+                return jax.ShapeDtypeStruct(h.shape, jnp.float32)
+            dtype = h.dtype if jnp.issubdtype(h.dtype, jnp.inexact) else spec.dtype
+            return jax.ShapeDtypeStruct(spec.lifted + h.shape, dtype)
+
+        h = tuple(probe_h(h) for _, h, _ in calls)
         blocks[path] = _Call(spec, h, tuple(lifted(out) for _, _, out in calls))
     return blocks, reasons
 
@@ -267,18 +286,29 @@ def _check_params(params: Any) -> None:
         )
 
 
-_passes = itertools.count()
+PASSES = itertools.count()  # a new mark per abstract pass
+
+
+def _node_paths(tree: Any, prefix: str = "") -> list[str]:
+    """The ``/``-joined paths of every mapping node of ``tree`` (the root: ``""``)."""
+    out = [prefix]
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out += _node_paths(value, f"{prefix}/{key}" if prefix else str(key))
+    return out
 
 
 def _abstract_pass(loss_fn: Callable, params: Any, args, kwargs):
     """``(blocks as _Call, fallback reasons)`` of one abstract run of ``loss_fn``.
 
-    ``params`` get an empty entry of a new name, so that a jitted ``apply`` inside
-    ``loss_fn`` is traced again (its cached trace would run no module call).
+    Every node of ``params`` gets an empty entry of a new name, so that a jitted function
+    inside ``loss_fn`` (of the params or of a subtree) is traced again: its cached trace would
+    run no module call.
     """
     _check_params(params)
     interceptor = _Interceptor()
-    marked = _with_entries(params, {"": {f"__ekfac_pass_{next(_passes)}__": {}}})
+    mark = {f"__ekfac_pass_{next(PASSES)}__": {}}
+    marked = _with_entries(params, {path: mark for path in _node_paths(params)})
 
     def run(params):
         with nn.intercept_methods(interceptor):
@@ -326,8 +356,9 @@ def stats_of(calls: dict[str, _Call], probe_grads) -> dict[str, LayerStats]:
     inputs, deltas = {}, {}
     for path, call in calls.items():
         spec = call.spec
-        outputs = _kinds.over_lifted(
-            lambda g, spec=spec: _kinds.BY_NAME[spec.kind].outputs(spec.unlifted(), g), spec
+        outputs = _blocks.vmapped(
+            lambda g, spec=spec: _kinds.BY_NAME[spec.kind].outputs(spec.unlifted(), g),
+            spec.lifted,
         )
         hs, gs = probe_grads(path)
         deltas[path] = [outputs(g) for g in gs]
@@ -370,7 +401,8 @@ def find_blocks(loss_fn: Callable[..., Any], params: Any, *args, **kwargs):
     Raises:
       ValueError: at trace time, for a supported layer called on an input that does
         not fit its kind (e.g. an ``nn.Embed`` on floats, a layer without a batch axis),
-        naming the layer path and the expected and actual shapes.
+        naming the layer path and the expected and actual shapes; for a layer called
+        inside ``jax.vmap`` over examples; for a loss that runs no layer of the model.
     """
     if _kinds.is_nnx(params):
         from ekfac_optax import _nnx  # builds on this module
@@ -402,13 +434,17 @@ def value_grad_and_stats(
 
     ``loss_fn(params, *args, **kwargs)`` must return the MEAN loss over the
     batch (a scalar; with ``has_aux``, a pair ``(loss, aux)``) and call a Flax
-    linen model's ``apply`` inside, possibly through ``nn.scan``, ``nn.vmap``,
-    ``nn.remat``, ``nn.jit``, ``jax.checkpoint`` or ``jax.jit``. Every call of a
-    layer that :func:`find_blocks` makes a block is captured. Pass a Flax NNX model
-    in place of ``params`` for ``loss_fn(model, ...)``: ``grads`` is then the
-    ``nnx.State`` of its ``nnx.Param`` gradients, for ``nnx.Optimizer.update(model,
-    grads, stats=stats)``, and state the loss changes (batch statistics) is written
-    back to the model, as ``nnx.value_and_grad`` does.
+    linen model's ``apply`` inside, possibly through ``nn.scan`` or ``nn.vmap`` over
+    layers, ``nn.remat``, ``nn.jit``, ``jax.checkpoint`` or ``jax.jit``. Every call of a
+    layer that :func:`find_blocks` makes a block is captured, its calls as positions in
+    call order; a layer called in a loop with shared parameters (``lax.scan`` or
+    ``lax.map`` around ``apply``, ``nn.scan`` with ``variable_broadcast="params"``) is
+    not supported (its iterations share one probe: their ``h`` and ``delta`` add up).
+    Capture differentiates in reverse mode only (a ``custom_vjp``): no ``jax.jvp`` of it.
+    Pass a Flax NNX model in place of ``params`` for ``loss_fn(model, ...)``: ``grads``
+    is then the ``nnx.State`` of its ``nnx.Param`` gradients, for
+    ``nnx.Optimizer.update(model, grads, stats=stats)``, and state the loss changes
+    (batch statistics) is written back to the model, as ``nnx.value_and_grad`` does.
 
     The per-example output gradient is that of the per-example loss: since the
     loss is a batch mean, ``delta_n = N * dLoss/d(output_n)``. This is the one

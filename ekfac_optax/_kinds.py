@@ -33,7 +33,7 @@ from flax import linen as nn
 from flax import nnx
 
 from ekfac_optax import _patches
-from ekfac_optax._blocks import BlockSpec, BlockType, curvature_dtype
+from ekfac_optax._blocks import BlockSpec, BlockType, curvature_dtype, vmapped
 
 KERNEL = "kernel"
 BIAS = "bias"
@@ -331,7 +331,7 @@ class _ScaleAndShift(_Kind):
 
     name, block = "scale_and_shift", "diagonal"
     modules = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm, nn.GroupNorm, nn.InstanceNorm)
-    modules += (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm, nnx.GroupNorm)
+    modules += (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm, nnx.GroupNorm, nnx.InstanceNorm)
 
     def feature_axes(self, module, ndim):
         if isinstance(module, (nn.BatchNorm, nnx.BatchNorm)):
@@ -406,13 +406,6 @@ def kind_of(module: nn.Module, method: str) -> _Kind | None:
 # --- The block matrix of a spec's parameters, and back --------------------------------------------
 
 
-def over_lifted(fn, spec: BlockSpec):
-    """``fn`` of one lifted copy of a layer, mapped over the ``spec.lifted`` axes."""
-    for _ in spec.lifted:
-        fn = jax.vmap(fn)
-    return fn
-
-
 def to_matrix(node: Mapping[str, jax.Array], spec: BlockSpec) -> jax.Array:
     """A block's parameters as its matrix, in the curvature dtype.
 
@@ -421,7 +414,7 @@ def to_matrix(node: Mapping[str, jax.Array], spec: BlockSpec) -> jax.Array:
     """
     if spec.lifted:
         node = {name: node[name] for name in spec.names}
-        return over_lifted(lambda n: to_matrix(n, spec.unlifted()), spec)(node)
+        return vmapped(lambda n: to_matrix(n, spec.unlifted()), spec.lifted)(node)
     if spec.block == "diagonal":
         return jnp.concatenate([jnp.ravel(node[n]).astype(spec.dtype) for n in spec.names])
     kind = BY_NAME[spec.kind]
@@ -436,7 +429,7 @@ def from_matrix(matrix: jax.Array, like: Mapping[str, jax.Array], spec: BlockSpe
     """Inverse of :func:`to_matrix`, with the shapes and dtypes of ``like``."""
     out = dict(like)
     if spec.lifted:
-        inner = over_lifted(lambda m, n: from_matrix(m, n, spec.unlifted()), spec)
+        inner = vmapped(lambda m, n: from_matrix(m, n, spec.unlifted()), spec.lifted)
         out.update(inner(matrix, {name: like[name] for name in spec.names}))
         return out
     if spec.block == "diagonal":

@@ -13,9 +13,8 @@ written back to the user's model, as ``nnx.value_and_grad`` does.
 """
 
 import contextlib
-import itertools
+import threading
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +23,7 @@ from flax import nnx
 from ekfac_optax import _blocks, _capture, _kinds
 
 _PATH = "_ekfac_path"  # a module's "/"-joined path, a static attribute of the copy
-_PASS = "_ekfac_pass"  # a new value per abstract pass: a jitted loss inside is traced again
+_PASS = "_ekfac_pass"  # a new value per abstract pass: a jitted function inside is traced again
 
 
 class Probe(nnx.Param):
@@ -36,16 +35,17 @@ def _probe_name(which: str, index: int) -> str:
 
 
 def _tagged(model: nnx.Module, **attributes) -> tuple[nnx.Module, dict[str, nnx.Module]]:
-    """A copy of ``model`` whose modules carry their paths, and the modules by path."""
+    """A copy of ``model`` whose modules carry their paths (and ``attributes``), and the
+    modules by path."""
     copy = nnx.merge(*nnx.split(model), copy=True)
     modules = {}
     for path, node in nnx.iter_graph(copy):
         if isinstance(node, nnx.Module):
             key = _blocks.path_key(path)
             setattr(node, _PATH, key)
+            for name, value in attributes.items():
+                setattr(node, name, value)
             modules[key] = node
-    for name, value in attributes.items():
-        setattr(copy, name, value)
     return copy, modules
 
 
@@ -60,9 +60,20 @@ def _classes() -> list[tuple[type, str]]:
     return out
 
 
+_LOCK = threading.Lock()  # the patched methods are global: one capture at a time
+_OWNER: list[int] = []  # the thread holding it
+
+
 @contextlib.contextmanager
 def _intercepting(interceptor: _capture._Interceptor):
-    """The NNX layer methods routed through ``interceptor`` (tagged modules only)."""
+    """The NNX layer methods routed through ``interceptor`` (tagged modules only); another
+    thread's capture waits."""
+    if _OWNER and _OWNER[0] == threading.get_ident():
+        raise RuntimeError(
+            "value_grad_and_stats: an NNX capture inside an NNX capture's loss is not supported"
+        )
+    _LOCK.acquire()
+    _OWNER.append(threading.get_ident())
     originals = [(cls, method, vars(cls)[method]) for cls, method in _classes()]
 
     def wrap(method, original):
@@ -86,24 +97,18 @@ def _intercepting(interceptor: _capture._Interceptor):
     try:
         for cls, method, original in originals:
             setattr(cls, method, wrap(method, original))
-        yield interceptor
+        yield
     finally:
         for cls, method, original in originals:
             setattr(cls, method, original)
-
-
-_passes = itertools.count()
-
-
-def params_of(model: nnx.Module) -> Any:
-    """The model's ``nnx.Param`` arrays as nested dicts (the optimizer's view of them)."""
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        _OWNER.clear()
+        _LOCK.release()
 
 
 def abstract_pass(loss_fn: Callable, model: nnx.Module, args, kwargs):
     """``(blocks as _capture._Call, fallback reasons)`` of one abstract run of
     ``loss_fn(model, ...)``, on a tagged copy (the model is not changed)."""
-    copy, _ = _tagged(model, **{_PASS: next(_passes)})
+    copy, modules = _tagged(model, **{_PASS: next(_capture.PASSES)})
     graphdef, state = nnx.split(copy)
     interceptor = _capture._Interceptor()
 
@@ -112,15 +117,16 @@ def abstract_pass(loss_fn: Callable, model: nnx.Module, args, kwargs):
             loss_fn(nnx.merge(graphdef, state, copy=True), *args, **kwargs)
 
     jax.eval_shape(run, state)
-    params = params_of(model)
-    if not interceptor.found and jax.tree.leaves(params):
+    classes = tuple(cls for cls, _ in _classes())
+    layers = any(isinstance(module, classes) for module in modules.values())
+    if layers and not interceptor.found:
         raise ValueError(
             "value_grad_and_stats: loss_fn(model, ...) called no NNX layer of the model "
             f"(kinds: {sorted({c.__name__ for c, _ in _classes()})}), so no layer can be "
             "captured. Likely causes: the loss calls a different model object than the one "
             "passed in, or layers created inside the loss."
         )
-    return _capture._resolve(interceptor.found, params)
+    return _capture._resolve(interceptor.found, _blocks.as_arrays(model))
 
 
 def value_grad_and_stats(loss_fn, has_aux: bool, layers, model: nnx.Module, args, kwargs):

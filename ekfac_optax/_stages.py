@@ -16,19 +16,16 @@ groups) are mapped over.
 import functools
 from typing import Any, Literal, NamedTuple
 
-import jax
 import jax.numpy as jnp
 
-from ekfac_optax import _eigenbasis, _factors, _scalings
+from ekfac_optax import _blocks, _eigenbasis, _factors, _scalings
 
 Scaling = Literal["batch", "running", "kfac"]
 
 
 def _stacked(fn, spec):
     """``fn`` of one block, mapped over the leading axes of a stacked block."""
-    for _ in spec.stack:
-        fn = jax.vmap(fn)
-    return fn
+    return _blocks.vmapped(fn, spec.stack)
 
 
 class Config(NamedTuple):

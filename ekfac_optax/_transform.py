@@ -297,9 +297,10 @@ def scale_by_ekfac(
       ``"batch"``, so ``damping`` means the same in both. At each basis change
       ``s`` restarts from KFAC's ``T S_A ⊗ S_B``.
 
-    A stacked block (grouped convolution, ``DenseGeneral`` batch dims) is
-    ``G`` such blocks. An embedding is a block with one-hot inputs, so ``A``
-    is the diagonal of token frequencies and ``U_A = I``. The scale and shift
+    A stacked block (the copies of a layer in ``nn.scan`` / ``nn.vmap``, the groups of a
+    grouped convolution, ``DenseGeneral`` batch dims) is that many such blocks. An
+    embedding is a block with one-hot inputs, so ``A`` is the diagonal of token
+    frequencies and ``U_A = I``. The scale and shift
     of a normalisation layer is a diagonal block, ``g / (s + ε)`` with ``s =
     mean_n G_n²`` from its exact per-example gradients (``"batch"``) or the
     debiased average of ``N g²`` (``"running"``). Every other parameter gets

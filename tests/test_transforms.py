@@ -463,3 +463,55 @@ def test_scan_over_a_non_leading_axis_falls_back():
     _, grads, stats = ek.value_grad_and_stats(loss_fn, layers=blocks)(params, x, y)
     updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
     assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+class Shared(nn.Module):
+    """One Dense layer called twice (weight sharing), plainly or as one ``nn.remat`` module."""
+
+    wrap: str = "none"
+
+    @nn.compact
+    def __call__(self, x):
+        shared = (nn.remat(nn.Dense) if self.wrap == "remat" else nn.Dense)(WIDTH, name="shared")
+        return nn.Dense(3, name="head")(jnp.tanh(shared(jnp.tanh(shared(x)))))
+
+
+def test_repeated_calls_are_positions_through_remat_and_separate_applies():
+    """A module called twice is one block with two positions, also when each call is its own
+    ``nn.remat`` trace, and a model applied twice in one loss (two inputs) contributes both
+    applications' inputs as positions, in call order: never one probe shared by two calls."""
+    x, y = normal_batch(60, (7, WIDTH), (7,))
+    plain, remat = Shared(), Shared("remat")
+    params = init_params(plain, x)
+    _, expected_grads, expected = ek.value_grad_and_stats(classifier_loss(plain))(params, x, y)
+    _, grads, stats = ek.value_grad_and_stats(classifier_loss(remat))(params, x, y)
+    assert stats["shared"].h.shape == (7, 2, WIDTH)
+    assert_trees_close((grads, stats), (expected_grads, expected), "remat", ROUND_OFF)
+
+    x2, _ = normal_batch(61, (7, WIDTH), (7,))
+
+    def twice(params, x, x2, y):
+        return (classifier_loss(plain)(params, x, y) + classifier_loss(plain)(params, x2, y)) / 2
+
+    _, _, both = ek.value_grad_and_stats(twice)(params, x, x2, y)
+    _, _, second = ek.value_grad_and_stats(classifier_loss(plain))(params, x2, y)
+    h = both["shared"].h
+    assert h.shape == (7, 4, WIDTH)
+    np.testing.assert_array_equal(h[:, :2], expected["shared"].h)
+    np.testing.assert_array_equal(h[:, 2:], second["shared"].h)
+
+
+def test_integer_inputs_to_a_dense_layer():
+    """uint8 inputs (raw images) to a Dense layer: ``h`` comes back as floats, equal to the
+    inputs, and the update runs (the probes are differentiated, so they are never integers)."""
+    model = nn.Dense(3)
+    x = jnp.asarray(np.random.default_rng(70).integers(0, 255, (9, 4)), jnp.uint8)
+    y = jnp.arange(9) % 3
+    params = init_params(model, x.astype(jnp.float64))
+    loss_fn = classifier_loss(model)
+    blocks = ek.find_blocks(loss_fn, params, x, y)
+    _, grads, stats = ek.value_grad_and_stats(loss_fn)(params, x, y)
+    np.testing.assert_array_equal(stats[""].h[:, 0], x.astype(stats[""].h.dtype))
+    tx = ek.ekfac(0.1, blocks=blocks)
+    updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
+    assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
