@@ -289,13 +289,11 @@ def _check_params(params: Any) -> None:
 PASSES = itertools.count()  # a new mark per abstract pass
 
 
-def _node_paths(tree: Any, prefix: str = "") -> list[str]:
-    """The ``/``-joined paths of every mapping node of ``tree`` (the root: ``""``)."""
-    out = [prefix]
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out += _node_paths(value, f"{prefix}/{key}" if prefix else str(key))
-    return out
+def _marked(tree: Any, mark: dict[str, Any]) -> Any:
+    """``tree`` (nested mappings) with the entries of ``mark`` added to every node."""
+    out = {k: _marked(v, mark) if isinstance(v, Mapping) else v for k, v in tree.items()}
+    out.update(mark)
+    return out if isinstance(tree, dict) else type(tree)(out)
 
 
 def _abstract_pass(loss_fn: Callable, params: Any, args, kwargs):
@@ -307,8 +305,7 @@ def _abstract_pass(loss_fn: Callable, params: Any, args, kwargs):
     """
     _check_params(params)
     interceptor = _Interceptor()
-    mark = {f"__ekfac_pass_{next(PASSES)}__": {}}
-    marked = _with_entries(params, {path: mark for path in _node_paths(params)})
+    marked = _marked(params, {f"__ekfac_pass_{next(PASSES)}__": {}})
 
     def run(params):
         with nn.intercept_methods(interceptor):
