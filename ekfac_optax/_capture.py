@@ -22,7 +22,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from jax.interpreters import partial_eval as pe
+from jax._src import core as jax_core
+from jax._src.interpreters import partial_eval as pe
 
 from ekfac_optax import _blocks, _kinds
 
@@ -162,8 +163,26 @@ def _in_partial_eval(x, weights) -> bool:
     """Whether a call runs in a partial-evaluation trace whose results are discarded: Flax's
     ``nn.scan`` traces its body once that way (to check that broadcast values are loop
     invariants) before the scan itself. Such calls are neither recorded nor tapped, so that
-    the calls of a path are numbered once each, in order."""
-    return any(isinstance(leaf, pe.JaxprTracer) for leaf in [x, *weights])
+    the calls of a path are numbered once each, in order.
+
+    The call's own values are partial-eval tracers when the layer runs in that trace
+    directly; inside a transform that traces its body to a jaxpr there (``nn.remat`` or
+    ``jax.checkpoint`` in an ``nn.scan`` body) they belong to that transform's trace, whose
+    parent is the partial-eval one: so the traces above the current one are walked through
+    jaxpr-building traces (which only record) up to the first other trace.
+    """
+    if any(isinstance(leaf, pe.JaxprTracer) for leaf in [x, *weights]):
+        return True
+    trace = _current_trace()
+    while isinstance(trace, pe.DynamicJaxprTrace):
+        trace = getattr(trace, "parent_trace", None)
+    return isinstance(trace, pe.JaxprTrace)
+
+
+def _current_trace():
+    """JAX's current trace (``None`` where this JAX does not expose it)."""
+    context = getattr(jax_core, "trace_ctx", None)
+    return getattr(context, "trace", None)
 
 
 def _shape_of(x) -> jax.ShapeDtypeStruct | None:

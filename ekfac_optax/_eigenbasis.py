@@ -36,6 +36,20 @@ def safe_eigh(factor: jax.Array, fallback_eigvals: jax.Array, fallback_basis: ja
     return eigvals, basis, ok
 
 
+def eigh_each(factors: jax.Array, fallback_eigvals: jax.Array, fallback_bases: jax.Array):
+    """:func:`safe_eigh` of each ``(d, d)`` factor of a ``(k, d, d)`` stack, one LAPACK call each.
+
+    Never a batched ``eigh``: on CPU, jaxlib's batched LAPACK kernels split a large batch
+    into chunks, schedule them on XLA's intra-op thread pool and block that pool's thread
+    until they are done (``ParallelBatchMap``); when XLA runs as many such kernels at once as
+    the pool has threads (two on a 2-core machine; blocks of ``nn.scan``-stacked layers),
+    every thread waits for chunks that no thread is left to run, and the step never ends. A
+    ``lax.map`` (a loop) of single-matrix calls runs each decomposition inline, so it cannot
+    wait on the pool; independent stacks still run side by side.
+    """
+    return jax.lax.map(lambda args: safe_eigh(*args), (factors, fallback_eigvals, fallback_bases))
+
+
 def eigh_all(
     factors: Sequence[jax.Array],
     fallbacks: Sequence[tuple[jax.Array, jax.Array]],
@@ -43,8 +57,9 @@ def eigh_all(
 ) -> list[tuple[jax.Array, jax.Array]]:
     """:func:`safe_eigh` of every factor, spread over the devices of ``mesh``.
 
-    A factor of shape ``(*stack, d, d)`` is a stack of factors (one batched
-    ``eigh``). Without a mesh (or with one device), one call per factor or stack.
+    A factor of shape ``(*stack, d, d)`` is a stack of factors (one single-matrix ``eigh``
+    per member in a loop, :func:`eigh_each`). Without a mesh (or with one device), one call
+    per factor or stack.
     With a ``mesh`` of more than one device, same-shaped factors (the members of
     stacks included) are stacked and the stack is split along the stack axis over
     all the mesh's devices (``shard_map``; padded with identities to a multiple of
@@ -72,7 +87,7 @@ def eigh_all(
     ]
     if mesh is None or mesh.size == 1:
         out = [
-            (jax.vmap(safe_eigh) if f.ndim == 3 else safe_eigh)(f, *fallback)[:2]
+            (eigh_each if f.ndim == 3 else safe_eigh)(f, *fallback)[:2]
             for f, fallback in zip(factors, fallbacks, strict=True)
         ]
     else:
@@ -106,7 +121,7 @@ def _eigh_spread(factors, fallbacks, mesh: Mesh) -> list[tuple[jax.Array, jax.Ar
     replicated = NamedSharding(mesh, PartitionSpec())
     spread = PartitionSpec(mesh.axis_names)
     decompose = jax.shard_map(
-        jax.vmap(safe_eigh), mesh=mesh, in_specs=spread, out_specs=spread, check_vma=False
+        eigh_each, mesh=mesh, in_specs=spread, out_specs=spread, check_vma=False
     )
     out: list = [None] * len(factors)
     for (shape, dtype), members in groups.items():

@@ -50,27 +50,36 @@ class Layer(nn.Module):
 
     use_bias: bool = True
     norm: bool = False
+    checkpoint: bool = False  # the dense layer called through jax.checkpoint
 
     @nn.compact
     def __call__(self, x, _=None):
         h = nn.LayerNorm(name="norm")(x) if self.norm else x
-        return x + jnp.tanh(nn.Dense(WIDTH, use_bias=self.use_bias, name="dense")(h)), None
+        dense = nn.Dense(WIDTH, use_bias=self.use_bias, name="dense")
+        h = jax.checkpoint(lambda h: dense(h))(h) if self.checkpoint else dense(h)
+        return x + jnp.tanh(h), None
 
 
 class ScannedNet(nn.Module):
+    """``nn.scan`` over ``Layer``; ``wrap`` adds ``nn.remat`` around the body (``"scan_remat"``)
+    or the scan (``"remat_scan"``), or ``jax.checkpoint`` inside the body (``"checkpoint"``)."""
+
     use_bias: bool = True
     norm: bool = False
+    wrap: str = "none"
 
     @nn.compact
     def __call__(self, x):
         x = nn.Dense(WIDTH, name="embed")(x)
         stack = nn.scan(
-            Layer,
+            nn.remat(Layer) if self.wrap == "scan_remat" else Layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
             length=LAYERS,
         )
-        x, _ = stack(self.use_bias, self.norm, name="stack")(x, None)
+        stack = nn.remat(stack) if self.wrap == "remat_scan" else stack
+        layer = stack(self.use_bias, self.norm, self.wrap == "checkpoint", name="stack")
+        x, _ = layer(x, None)
         return nn.Dense(3, name="head")(x)
 
 
@@ -132,19 +141,41 @@ def assert_trees_close(actual, expected, what, rtol=RTOL):
 
 
 @pytest.mark.parametrize(
-    "use_bias, norm", [(True, True), (False, False)], ids=["bias_norm", "no_bias"]
+    "use_bias, norm, wrap",
+    [
+        (True, True, "none"),
+        (False, False, "none"),
+        (True, True, "scan_remat"),
+        (True, False, "remat_scan"),
+        (True, True, "checkpoint"),
+    ],
+    ids=["bias_norm", "no_bias", "scan_of_remat", "remat_of_scan", "checkpoint_in_body"],
 )
-def test_scan_over_layers_equals_unrolled(use_bias, norm):
+def test_scan_over_layers_equals_unrolled(use_bias, norm, wrap):
     """``nn.scan`` over 3 layers = 3 explicit layers with the same weights: the blocks are a
     stack of 3 (``lifted == (3,)``, never the layer axis folded into the fan-in), and every
-    update of 2 steps of EKFAC, EKFAC-ra and KFAC is equal leaf for leaf (stacked)."""
+    update of 2 steps of EKFAC, EKFAC-ra and KFAC is equal leaf for leaf (stacked). With
+    ``nn.remat`` around the scanned layer or the scan, or ``jax.checkpoint`` in its body, too:
+    the layer is seen once per position (Flax's discarded constancy trace of the body is not
+    a call, even when a remat inside it traces the layer again), so ``h`` and ``delta`` are
+    the unrolled model's."""
     x, y = normal_batch(0, (9, 5), (9,))
     batches = [(x, y), normal_batch(1, (9, 5), (9,)), normal_batch(2, (9, 5), (9,))]
-    scanned, unrolled = ScannedNet(use_bias, norm), UnrolledNet(use_bias, norm)
+    scanned, unrolled = ScannedNet(use_bias, norm, wrap), UnrolledNet(use_bias, norm)
     params = init_params(scanned, x)
     blocks, scanned_out, states = run(classifier_loss(scanned), params, batches)
     _, unrolled_out, _ = run(classifier_loss(unrolled), unroll(params, "stack", "layer_"), batches)
-
+    for step in range(STEPS):  # the stats themselves, position for position
+        stats, unrolled_stats = scanned_out[step][2], unrolled_out[step][2]
+        for path in blocks:
+            layers = [path.replace("stack/", f"layer_{i}/") for i in range(LAYERS)]
+            expected = (
+                jax.tree.map(lambda *s: jnp.stack(s), *[unrolled_stats[p] for p in layers])
+                if path.startswith("stack/")
+                else unrolled_stats[path]
+            )
+            assert jax.tree.map(jnp.shape, stats[path]) == jax.tree.map(jnp.shape, expected)
+            assert_trees_close(stats[path], expected, (path, step))
     spec = blocks["stack/dense"]
     assert (spec.lifted, spec.stack) == ((LAYERS,), (LAYERS,)), spec
     assert (spec.d_in_aug, spec.d_out) == (WIDTH + use_bias, WIDTH), spec
