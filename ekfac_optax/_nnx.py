@@ -42,11 +42,29 @@ def _tagged(model: nnx.Module, **attributes) -> tuple[nnx.Module, dict[str, nnx.
     for path, node in nnx.iter_graph(copy):
         if isinstance(node, nnx.Module):
             key = _blocks.path_key(path)
+            _check_not_bridged(node, key)
             setattr(node, _PATH, key)
             for name, value in attributes.items():
                 setattr(node, name, value)
             modules[key] = node
     return copy, modules
+
+
+def _check_not_bridged(module: nnx.Module, path: str) -> None:
+    """Raises for an ``nnx.bridge.ToNNX`` module: its layers are linen modules run by
+    ``linen.Module.apply`` inside its call, where the NNX capture cannot reach them."""
+    if isinstance(module, nnx.bridge.ToNNX):
+        where = f"at {path!r}" if path else "as the model"
+        inner = type(module.to_nnx__module).__name__
+        raise TypeError(
+            f"value_grad_and_stats: the NNX model holds an nnx.bridge.ToNNX module {where} "
+            f"(the linen module {inner}); its layers run inside linen's apply, which the NNX "
+            "capture cannot see. Capture the linen module instead: pass its parameters "
+            "(nnx.to_pure_dict(nnx.state(model, nnx.Param)), paths such as 'Dense_0/kernel') "
+            "to value_grad_and_stats with a loss that calls "
+            "model.to_nnx__module.apply({'params': params}, ...), and apply the updates to "
+            "those parameters; or build the model from NNX layers."
+        )
 
 
 def _classes() -> list[tuple[type, str]]:

@@ -185,6 +185,9 @@ def _scale_by_kfe(
 
     def update_fn(updates, state, params=None, *, stats=None, **extra_args):
         del params, extra_args
+        # An nnx.State of variables (split + jax.jit): work on its arrays, return its structure.
+        structure = jax.tree.structure(updates)
+        updates = _blocks.as_arrays(updates)
         specs = _validation.check_update(updates, state, blocks)
         _validation.check_stats(stats, specs)
         count = state.count
@@ -255,7 +258,7 @@ def _scale_by_kfe(
         rejected = state._replace(skipped=optax.safe_increment(state.skipped))
         new_state = jax.tree.map(functools.partial(jnp.where, finite), applied, rejected)
         new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
-        return new_updates, new_state
+        return jax.tree.unflatten(structure, jax.tree.leaves(new_updates)), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -196,6 +196,76 @@ def test_nnx_optimizer_trains_like_linen(name):
     assert_trees_close(nnx.to_pure_dict(nnx.state(model, nnx.Param)), params, name, TRAJECTORY)
 
 
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_nnx_state_without_optimizer_trains_like_linen(name):
+    """The functional NNX style without ``nnx.Optimizer``: ``nnx.split`` the model, ``tx.init``
+    and ``tx.update`` on the ``nnx.State`` of its ``nnx.Param`` variables inside ``jax.jit``,
+    ``optax.apply_updates``; the updates keep the state's structure (variables) and 3 steps
+    follow the linen twin's trajectory."""
+    linen, model, params, batch = twins(name)
+    linen_loss = classifier_loss(linen)
+    blocks = ek.find_blocks(nnx_loss, model, *batch)
+    tx = ek.ekfac(0.1, blocks=blocks)
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+    opt_state = tx.init(state)
+
+    @jax.jit
+    def nnx_step(state, opt_state, x, y):
+        loss, grads, stats = ek.value_grad_and_stats(nnx_loss)(
+            nnx.merge(graphdef, state, rest), x, y
+        )
+        updates, opt_state = tx.update(grads, opt_state, state, stats=stats)
+        assert jax.tree.structure(updates) == jax.tree.structure(state)
+        return optax.apply_updates(state, updates), opt_state, loss
+
+    @jax.jit
+    def linen_step(params, opt_state, x, y):
+        loss, grads, stats = ek.value_grad_and_stats(linen_loss)(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    linen_state = tx.init(params)
+    for _ in range(3):
+        state, opt_state, loss = nnx_step(state, opt_state, *batch)
+        params, linen_state, expected_loss = linen_step(params, linen_state, *batch)
+        np.testing.assert_allclose(loss, expected_loss, rtol=TRAJECTORY)
+    assert isinstance(state, nnx.State)
+    assert_trees_close(nnx.to_pure_dict(state), params, name, TRAJECTORY)
+    assert_trees_close(opt_state, linen_state, name, TRAJECTORY)
+
+
+def test_nnx_bridge_to_nnx_raises_and_the_linen_module_trains():
+    """A linen model wrapped in ``nnx.bridge.ToNNX`` runs its layers inside linen's ``apply``,
+    out of the NNX capture's reach: ``find_blocks`` and ``value_grad_and_stats`` raise a
+    TypeError naming the wrapper and the way out, which works: the same linen module captured
+    with the wrapper's parameters gives every layer its block."""
+    x, y = normal_batch(2, (32, 4), (32,))
+    model = nnx.bridge.ToNNX(LinenMLP(), rngs=nnx.Rngs(0))
+    nnx.bridge.lazy_init(model, x)
+    for capture in (ek.find_blocks, lambda f, *a: ek.value_grad_and_stats(f)(*a)):
+        with pytest.raises(TypeError, match=r"nnx\.bridge\.ToNNX module as the model"):
+            capture(nnx_loss, model, x, y)
+
+    class Wrapped(nnx.Module):  # the wrapper below the root: the error names its path
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, x):
+            return self.inner(x)
+
+    with pytest.raises(TypeError, match="ToNNX module at 'inner'"):
+        ek.find_blocks(nnx_loss, Wrapped(model), x, y)
+
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    loss_fn = classifier_loss(model.to_nnx__module)
+    blocks = ek.find_blocks(loss_fn, params, x, y)
+    assert set(blocks) == {"hidden", "norm", "head"}
+    tx = ek.ekfac(0.1, blocks=blocks)
+    _, grads, stats = ek.value_grad_and_stats(loss_fn)(params, x, y)
+    updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
+    assert jax.tree.structure(updates) == jax.tree.structure(params)
+
+
 # --- NNX transforms -------------------------------------------------------------------------------
 
 
