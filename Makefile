@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: demo test lint
+.PHONY: demo test test-fast coverage lint
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+# The tests not marked slow: every library module, about 3 minutes (see the README).
+test-fast: $(STAMP)
+	$(VPY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Line coverage of ekfac_optax/ by the full suite and by the fast set.
+coverage: $(STAMP)
+	$(VPY) -m pytest -q --cov=ekfac_optax --cov-report=term $(PYTEST_ARGS)
+	$(VPY) -m pytest -q -m "not slow" --cov=ekfac_optax --cov-report=term $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VPY) -m ruff check .

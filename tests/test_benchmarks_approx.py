@@ -5,7 +5,11 @@ and EKFAC is at least as close to the exact empirical Fisher as KFAC at every ev
 import csv
 import math
 
+import pytest
+
 from benchmarks import approx_quality
+
+pytestmark = pytest.mark.slow  # a benchmark's quick run
 
 
 def test_approx_quality_quick(tmp_path):

@@ -3,7 +3,11 @@
 import csv
 import math
 
+import pytest
+
 from benchmarks import autoencoder
+
+pytestmark = pytest.mark.slow  # a benchmark's quick run
 
 
 def test_quick_run_writes_finite_results(tmp_path):

@@ -9,6 +9,8 @@ import pytest
 
 from benchmarks import convnets
 
+pytestmark = pytest.mark.slow  # a benchmark's quick run
+
 
 def test_quick_run_writes_finite_results(tmp_path):
     result = convnets.main(["--quick", "--out", str(tmp_path)])

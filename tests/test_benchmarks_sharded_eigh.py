@@ -7,6 +7,8 @@ import pytest
 
 from benchmarks import sharded_eigh
 
+pytestmark = pytest.mark.slow  # a benchmark's quick run
+
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (set by conftest)")
 def test_quick_run_writes_times_for_1_2_4_8_devices(tmp_path):

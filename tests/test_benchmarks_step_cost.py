@@ -2,12 +2,12 @@
 
 import csv
 import math
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # `benchmarks` without -m
+import pytest
 
-from benchmarks import step_cost  # noqa: E402
+from benchmarks import step_cost  # importable: `pythonpath` in pyproject.toml
+
+pytestmark = pytest.mark.slow  # a benchmark's quick run
 
 
 def test_step_cost_quick_writes_finite_positive_times(tmp_path):

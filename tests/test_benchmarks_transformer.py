@@ -7,8 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from benchmarks import transformer
+
+pytestmark = pytest.mark.slow  # a benchmark's quick run
 
 
 def test_quick_run_writes_results_and_goals(tmp_path):

@@ -92,6 +92,7 @@ def training_digest() -> str:
     return digest.hexdigest()
 
 
+@pytest.mark.slow  # two subprocesses
 def test_same_seed_is_bit_identical_across_processes():
     """A fresh process (own compilation, own thread pool) gives the same bytes as this one."""
     script = (

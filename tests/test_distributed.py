@@ -127,6 +127,7 @@ def make_tx(blocks, scaling, mesh=None):
     )
 
 
+@pytest.mark.slow  # 12 compiled data-parallel runs (80 s); the mesh code: the test below
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("scaling", ["batch", "running", "kfac"])
 @pytest.mark.parametrize("params_layout", ["replicated", "fsdp"])
@@ -165,7 +166,7 @@ def eigh_batch_sizes(hlo: str) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", pytest.param("cnn", marks=pytest.mark.slow)])
 def test_sharded_eigh_equals_replicated_and_is_spread(kind):
     """``mesh=`` decomposes each factor on one device: same training, 1-matrix eigh per device."""
     loss_fn, params, xs, ys = problem(kind)
@@ -203,6 +204,7 @@ def test_mesh_must_be_a_mesh():
         ek.ekfac(0.1, blocks=problem_blocks("mlp"), mesh=jax.devices())
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_on_another_device_count(tmp_path):
     """A state saved from 8 devices (FSDP) restores on 1 device, in-process and in a process that
     has a single device; a single-device state restores onto the 8-device mesh."""

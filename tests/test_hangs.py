@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from stress_models import MODELS
 
+pytestmark = pytest.mark.slow  # ten subprocesses, each compiling a model (2 min)
+
 TIMEOUT = 300  # seconds; measured 10-20 s per model on the 2-core CI machine
 
 

@@ -140,7 +140,14 @@ def nnx_loss(model, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mlp",
+        pytest.param("cnn", marks=pytest.mark.slow),
+        pytest.param("transformer", marks=pytest.mark.slow),
+    ],
+)
 def test_nnx_twin_gives_the_linen_updates(name):
     """Blocks, stats, grads and the updates of EKFAC, EKFAC-ra and KFAC of an NNX model equal
     those of its linen twin; ``summarize`` takes the NNX model and shows the same table."""
@@ -165,7 +172,7 @@ def test_nnx_twin_gives_the_linen_updates(name):
         assert_trees_close(update, expected, (name, method))
 
 
-@pytest.mark.parametrize("name", ["mlp", "transformer"])
+@pytest.mark.parametrize("name", ["mlp", pytest.param("transformer", marks=pytest.mark.slow)])
 def test_nnx_optimizer_trains_like_linen(name):
     """3 steps of ``nnx.Optimizer(model, ek.ekfac(...), wrt=nnx.Param)`` under ``nnx.jit``,
     ``optimizer.update(model, grads, stats=stats)``, follow the linen twin's trajectory."""
@@ -196,7 +203,7 @@ def test_nnx_optimizer_trains_like_linen(name):
     assert_trees_close(nnx.to_pure_dict(nnx.state(model, nnx.Param)), params, name, TRAJECTORY)
 
 
-@pytest.mark.parametrize("name", ["mlp", "transformer"])
+@pytest.mark.parametrize("name", ["mlp", pytest.param("transformer", marks=pytest.mark.slow)])
 def test_nnx_state_without_optimizer_trains_like_linen(name):
     """The functional NNX style without ``nnx.Optimizer``: ``nnx.split`` the model, ``tx.init``
     and ``tx.update`` on the ``nnx.State`` of its ``nnx.Param`` variables inside ``jax.jit``,
@@ -320,7 +327,9 @@ class LinenScanned(nn.Module):
         return nn.Dense(3, name="head")(x)
 
 
-@pytest.mark.parametrize("remat", [False, True], ids=["scan", "scan_remat"])
+@pytest.mark.parametrize(
+    "remat", [pytest.param(False, marks=pytest.mark.slow), True], ids=["scan", "scan_remat"]
+)
 def test_nnx_scan_over_layers_equals_linen_scan(remat):
     """``nnx.vmap``-created, ``nnx.scan``-applied layers (with ``nnx.remat``) are stacked blocks
     (``lifted == (3,)``), and their stats and updates equal the linen ``nn.scan`` twin's, under

@@ -30,6 +30,8 @@ from hypothesis import strategies as st
 
 import ekfac_optax as ek
 
+pytestmark = pytest.mark.slow  # hypothesis examples, each compiled (1 min)
+
 EPS64 = float(np.finfo(np.float64).eps)
 EPS32 = float(np.finfo(np.float32).eps)
 MAX_COND = 1e8  # the reference is "well-conditioned" below this condition number

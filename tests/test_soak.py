@@ -13,6 +13,8 @@ import pytest
 
 import ekfac_optax as ek
 
+pytestmark = pytest.mark.slow  # many compiled training runs
+
 STEPS = 1000
 D_IN, CLASSES = 16, 4
 

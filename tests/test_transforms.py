@@ -144,10 +144,10 @@ def assert_trees_close(actual, expected, what, rtol=RTOL):
     "use_bias, norm, wrap",
     [
         (True, True, "none"),
-        (False, False, "none"),
+        pytest.param(False, False, "none", marks=pytest.mark.slow),
         (True, True, "scan_remat"),
-        (True, False, "remat_scan"),
-        (True, True, "checkpoint"),
+        pytest.param(True, False, "remat_scan", marks=pytest.mark.slow),
+        pytest.param(True, True, "checkpoint", marks=pytest.mark.slow),
     ],
     ids=["bias_norm", "no_bias", "scan_of_remat", "remat_of_scan", "checkpoint_in_body"],
 )
@@ -232,6 +232,7 @@ class UnrolledTransformer(nn.Module):
         return nn.Dense(7, name="head")(x)
 
 
+@pytest.mark.slow  # 40 s: compiles a transformer block scanned and unrolled
 def test_scanned_transformer_block_equals_unrolled():
     """A scanned stack of 2 pre-LN transformer blocks (LayerNorm, MultiHeadDotProductAttention,
     Dense MLP) = the 2 blocks written out: every q/k/v/out projection, norm and MLP layer is a
