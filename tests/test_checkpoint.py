@@ -1,6 +1,7 @@
 """Checkpoints (orbax) and determinism: resumed or repeated training is bit-identical."""
 
 import hashlib
+import os
 import pathlib
 import subprocess
 import sys
@@ -97,14 +98,16 @@ def test_same_seed_is_bit_identical_across_processes():
     """A fresh process (own compilation, own thread pool) gives the same bytes as this one."""
     script = (
         "import jax; jax.config.update('jax_enable_x64', True)\n"
-        "from tests.test_checkpoint import training_digest; print(training_digest())"
+        "from test_checkpoint import training_digest; print(training_digest())"
     )
+    tests = pathlib.Path(__file__).parent  # importable as under pytest's `pythonpath`
+    path = os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])
     other = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
         text=True,
         check=True,
-        cwd=pathlib.Path(__file__).parents[1],
+        env={**os.environ, "PYTHONPATH": path},
     ).stdout.strip()
     assert len(other) == 64
     assert other == training_digest()
