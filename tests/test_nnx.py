@@ -172,6 +172,18 @@ def test_nnx_twin_gives_the_linen_updates(name):
         assert_trees_close(update, expected, (name, method))
 
 
+def linen_train_step(loss_fn, tx):
+    """``jax.jit((params, state, x, y) -> (params, state, loss))``: one step of ``tx``."""
+
+    @jax.jit
+    def step(params, state, x, y):
+        loss, grads, stats = ek.value_grad_and_stats(loss_fn)(params, x, y)
+        updates, state = tx.update(grads, state, params, stats=stats)
+        return optax.apply_updates(params, updates), state, loss
+
+    return step
+
+
 @pytest.mark.parametrize("name", ["mlp", pytest.param("transformer", marks=pytest.mark.slow)])
 def test_nnx_optimizer_trains_like_linen(name):
     """3 steps of ``nnx.Optimizer(model, ek.ekfac(...), wrt=nnx.Param)`` under ``nnx.jit``,
@@ -188,13 +200,7 @@ def test_nnx_optimizer_trains_like_linen(name):
         return loss
 
     tx = ek.ekfac(0.1, blocks=blocks)
-
-    @jax.jit
-    def linen_step(params, state, x, y):
-        loss, grads, stats = ek.value_grad_and_stats(linen_loss)(params, x, y)
-        updates, state = tx.update(grads, state, params, stats=stats)
-        return optax.apply_updates(params, updates), state, loss
-
+    linen_step = linen_train_step(linen_loss, tx)
     state = tx.init(params)
     for _ in range(3):
         loss = nnx_step(model, optimizer, *batch)
@@ -225,12 +231,7 @@ def test_nnx_state_without_optimizer_trains_like_linen(name):
         assert jax.tree.structure(updates) == jax.tree.structure(state)
         return optax.apply_updates(state, updates), opt_state, loss
 
-    @jax.jit
-    def linen_step(params, opt_state, x, y):
-        loss, grads, stats = ek.value_grad_and_stats(linen_loss)(params, x, y)
-        updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
-        return optax.apply_updates(params, updates), opt_state, loss
-
+    linen_step = linen_train_step(linen_loss, tx)
     linen_state = tx.init(params)
     for _ in range(3):
         state, opt_state, loss = nnx_step(state, opt_state, *batch)
