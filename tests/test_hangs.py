@@ -10,27 +10,17 @@ run takes 10-20 s here (mostly compilation), so ``TIMEOUT`` leaves a loaded mach
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import user_environment
 from stress_models import MODELS
 
 pytestmark = pytest.mark.slow  # ten subprocesses, each compiling a model (2 min)
 
 TIMEOUT = 300  # seconds; measured 10-20 s per model on the 2-core CI machine
-
-
-def user_environment() -> dict[str, str]:
-    """The environment without the suite's settings (8 host devices, float64)."""
-    env = dict(os.environ)
-    flags = [f for f in env.pop("XLA_FLAGS", "").split() if "device_count" not in f]
-    if flags:
-        env["XLA_FLAGS"] = " ".join(flags)
-    env.pop("JAX_ENABLE_X64", None)
-    return env
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
