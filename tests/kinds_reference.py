@@ -3,7 +3,6 @@
 Nothing here imports ``ekfac_optax``; it builds on ``reference.py`` (per-example gradients by
 ``jax.vmap(jax.grad(...))``, the hand-written ``Tape`` forward pass, dense ``np.kron`` matrices):
 
-- deterministic float64 parameters for any Flax model;
 - the first-step EKFAC / EKFAC-ra / KFAC updates of a Kronecker block by dense solves (or, for
   EKFAC-ra, the documented recursion in the eigenbasis of the one-batch factors);
 - ``nn.ConvTranspose`` as a convolution of the stride-dilated, padded input: its patches, cut
@@ -18,30 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import reference as ref
-
-
-def init_params(model: Any, *args: Any, seed: int = 0) -> Any:
-    """float64 (or the model's param dtype) parameters, numpy's generator with ``seed``.
-
-    Kernels are normal with variance ``1 / fan_in``, biases ``0.1`` normal, norm scales
-    ``1 + 0.2`` normal, embeddings (and any other parameter) standard normal over ``fan_in``
-    (``prod(shape[:-1])``, 1 for vectors and scalars).
-    """
-    shapes = jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
-    rng = np.random.default_rng(seed)
-
-    def draw(path, shape):
-        name = path[-1].key
-        if name == "bias":
-            value = 0.1 * rng.standard_normal(shape.shape)
-        elif name == "scale":
-            value = 1.0 + 0.2 * rng.standard_normal(shape.shape)
-        else:
-            fan_in = math.prod(shape.shape[:-1]) if len(shape.shape) > 1 else 1
-            value = rng.standard_normal(shape.shape) / np.sqrt(fan_in)
-        return jnp.asarray(value, shape.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def assert_distinct(eigvals: np.ndarray, min_gap: float = 1e-6) -> None:

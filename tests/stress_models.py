@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from helpers import classifier_loss, cross_entropy, train, train_step
 
 import ekfac_optax as ek
 
@@ -184,10 +185,6 @@ def batch(family: str):
     return jnp.asarray(ids[:, :-1], jnp.int32), jnp.asarray(ids[:, 1:], jnp.int32)
 
 
-def cross_entropy(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
 def optimizer(blocks):
     return ek.ekfac(LEARNING_RATE, blocks=blocks, damping=DAMPING, basis_update_every=BASIS_EVERY)
 
@@ -200,23 +197,9 @@ def skipped(state) -> int:
 def train_linen(model: nn.Module, family: str) -> dict:
     x, y = batch(family)
     params = model.init(jax.random.key(0), x)["params"]
-
-    def loss_fn(params, x, y):
-        return cross_entropy(model.apply({"params": params}, x), y)
-
+    loss_fn = classifier_loss(model)
     tx = optimizer(ek.find_blocks(loss_fn, params, x, y))
-    grad_fn = ek.value_grad_and_stats(loss_fn)
-
-    @jax.jit
-    def step(params, state, x, y):
-        loss, grads, stats = grad_fn(params, x, y)
-        updates, state = tx.update(grads, state, params, stats=stats)
-        return optax.apply_updates(params, updates), state, loss
-
-    state, losses = tx.init(params), []
-    for _ in range(STEPS):
-        params, state, loss = step(params, state, x, y)
-        losses.append(float(loss))
+    _, state, losses = train(train_step(loss_fn, tx), params, tx.init(params), [(x, y)] * STEPS)
     return {"losses": losses, "skipped": skipped(state)}
 
 

@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from helpers import MLP, classifier_loss, train_step
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -30,14 +30,6 @@ pytestmark = pytest.mark.skipif(
 RTOL, ATOL = 1e-9, 1e-12
 
 
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = jnp.tanh(nn.Dense(16)(x))
-        x = jnp.tanh(nn.Dense(8)(x))
-        return nn.Dense(4)(x)
-
-
 class CNN(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -47,18 +39,14 @@ class CNN(nn.Module):
 
 
 def problem(kind):
-    model = MLP() if kind == "mlp" else CNN()
+    model = MLP((16, 8, 4)) if kind == "mlp" else CNN()
     shape = (32, 6) if kind == "mlp" else (32, 6, 6, 3)
     kx, ky, kp = jax.random.split(jax.random.key(0), 3)
     xs = jax.random.normal(kx, (3, *shape), jnp.float64)
     ys = jax.random.randint(ky, (3, shape[0]), 0, 4)
     params = jax.tree.map(lambda p: p.astype(jnp.float64), model.init(kp, xs[0])["params"])
 
-    def loss_fn(params, x, y):
-        logits = model.apply({"params": params}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    return loss_fn, params, xs, ys
+    return classifier_loss(model), params, xs, ys
 
 
 def problem_blocks(kind):
@@ -69,19 +57,12 @@ def problem_blocks(kind):
 
 def train(tx, loss_fn, params, xs, ys, put_params=lambda t: t, put_batch=lambda t: t):
     """Three jitted steps; returns the params, the state and the compiled step's HLO text."""
-    grad_fn = ek.value_grad_and_stats(loss_fn)
-
-    @jax.jit
-    def step(params, state, x, y):
-        _, grads, stats = grad_fn(params, x, y)
-        updates, state = tx.update(grads, state, params, stats=stats)
-        return optax.apply_updates(params, updates), state
-
+    step = train_step(loss_fn, tx)
     params = put_params(params)
     state = put_params(tx.init(params))
     hlo = step.lower(params, state, put_batch(xs[0]), put_batch(ys[0])).compile().as_text()
     for x, y in zip(xs, ys, strict=True):
-        params, state = step(params, state, put_batch(x), put_batch(y))
+        params, state, _ = step(params, state, put_batch(x), put_batch(y))
     return params, state, hlo
 
 

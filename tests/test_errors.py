@@ -3,7 +3,6 @@ the layer and expected vs actual shapes, and leave the optimizer state untouched
 with the same state works afterwards)."""
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -11,36 +10,11 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from helpers import MLP, classifier_loss, init_params
 
 import ekfac_optax as ek
 
 N = 32
-
-
-class MLP(nn.Module):
-    widths: tuple[int, ...] = (6, 4)
-
-    @nn.compact
-    def __call__(self, x):
-        for i, width in enumerate(self.widths):
-            x = nn.Dense(width, param_dtype=jnp.float64)(x)
-            if i < len(self.widths) - 1:
-                x = jnp.tanh(x)
-        return x
-
-
-def init_params(model, x):
-    """Flax's parameter tree filled with numpy (no compilation): kernels N(0, 1/fan_in),
-    LayerNorm scales 1, biases 0."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-    rng = np.random.default_rng(0)
-
-    def fill(path, leaf):
-        if path[-1].key == "kernel":
-            return rng.standard_normal(leaf.shape) / np.sqrt(math.prod(leaf.shape[:-1]))
-        return np.full(leaf.shape, float(path[-1].key == "scale"))
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def data(seed=0):
@@ -48,22 +22,14 @@ def data(seed=0):
     return rng.standard_normal((N, 5)), rng.integers(0, 4, N)
 
 
-def make_loss(model):
-    def loss_fn(params, x, y):
-        logits = model.apply({"params": params}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    return loss_fn
-
-
 def blocks_of(model, params=None):
-    """``ek.find_blocks`` of ``make_loss(model)`` on a batch of ``data()``'s shapes."""
+    """``ek.find_blocks`` of ``classifier_loss(model)`` on a batch of ``data()``'s shapes."""
     x, y = data()
-    params = init_params(model, x) if params is None else params
-    return ek.find_blocks(make_loss(model), params, x, y)
+    params = init_params(model, x, dtype=jnp.float64) if params is None else params
+    return ek.find_blocks(classifier_loss(model), params, x, y)
 
 
-MODEL = MLP()
+MODEL = MLP((6, 4))
 BLOCKS = blocks_of(MODEL)
 TX = ek.ekfac(0.1, blocks=BLOCKS, damping=1e-2, basis_update_every=2)
 
@@ -72,8 +38,8 @@ TX = ek.ekfac(0.1, blocks=BLOCKS, damping=1e-2, basis_update_every=2)
 def setup():
     """params, grads, stats of ``MODEL`` and a jitted good update of ``TX``."""
     x, y = data()
-    params = init_params(MODEL, x)
-    _, grads, stats = jax.jit(ek.value_grad_and_stats(make_loss(MODEL)))(params, x, y)
+    params = init_params(MODEL, x, dtype=jnp.float64)
+    _, grads, stats = jax.jit(ek.value_grad_and_stats(classifier_loss(MODEL)))(params, x, y)
     good_update = jax.jit(lambda g, s, p, st: TX.update(g, s, p, stats=st))
     return params, grads, stats, good_update
 
@@ -155,7 +121,7 @@ def test_stats_captured_for_fewer_layers_than_the_blocks():
     """value_grad_and_stats(layers=[...]) restricted to a subset while the optimizer has every
     block: the layers without stats are named, with the way out."""
     x, y = data()
-    stats = jax.jit(ek.value_grad_and_stats(make_loss(MODEL), layers=["Dense_1"]))(
+    stats = jax.jit(ek.value_grad_and_stats(classifier_loss(MODEL), layers=["Dense_1"]))(
         setup()[0], x, y
     )[2]
     assert list(stats) == ["Dense_1"]
@@ -333,7 +299,7 @@ def test_blocks_required_and_typed_layers_gone(factory):
 def test_layers_given_as_a_string():
     params = setup()[0]
     with pytest.raises(TypeError, match=r"sequence of module paths.*got 'Dense_0'"):
-        ek.value_grad_and_stats(make_loss(MODEL), layers="Dense_0")(params, *data())
+        ek.value_grad_and_stats(classifier_loss(MODEL), layers="Dense_0")(params, *data())
     with pytest.raises(TypeError, match=BLOCKS_TYPE):
         ek.scale_by_ekfac(blocks="Dense_0")
 
@@ -366,7 +332,7 @@ class OddModel(nn.Module):
 def odd_problem(odd):
     model = OddModel(odd)
     x, y = data()
-    params = init_params(model, x)
+    params = init_params(model, x, dtype=jnp.float64)
     return model, params, blocks_of(model, params), x, y
 
 
@@ -384,7 +350,7 @@ def test_uncaptured_kernel_gets_the_fallback(fallback):
     assert "kronecker block 7x4 of head" in rows["head/kernel"]
     damping = 1e-2
     tx = ek.ekfac(0.1, blocks=blocks, damping=damping, fallback=fallback)
-    grad_fn = ek.value_grad_and_stats(make_loss(model))
+    grad_fn = ek.value_grad_and_stats(classifier_loss(model))
 
     @jax.jit
     def step(params, state, x, y):
@@ -423,7 +389,7 @@ def test_dense_general_with_two_output_axes_is_a_block(odd):
     rows = {r.split()[0]: r for r in ek.summarize(params, blocks).splitlines()[1:]}
     assert f"kronecker block {size} of DenseGeneral_0" in rows["DenseGeneral_0/kernel"]
     tx = ek.ekfac(0.1, blocks=blocks, damping=1e-2)
-    grad_fn = ek.value_grad_and_stats(make_loss(model))
+    grad_fn = ek.value_grad_and_stats(classifier_loss(model))
 
     @jax.jit
     def step(params, state, x, y):
@@ -464,7 +430,7 @@ def test_layers_naming_a_path_that_is_no_block(path):
     module; the custom module's own kernel, in no block) raises a ValueError naming it and the
     model's blocks."""
     model, params, _, x, y = odd_problem("custom")
-    f = ek.value_grad_and_stats(make_loss(model), layers=["head", path])
+    f = ek.value_grad_and_stats(classifier_loss(model), layers=["head", path])
     match = rf"layers \['{path}'\] are not blocks of this model \(blocks: \['LayerNorm_0', 'head'\]"
     with pytest.raises(ValueError, match=match):
         f(params, x, y)
@@ -479,7 +445,7 @@ def test_layers_naming_a_path_that_is_no_block(path):
 def state_of(widths):
     """The initial state of ``TX``'s optimizer built for ``MLP(widths)`` instead."""
     model = MLP(widths)
-    params = init_params(model, data()[0])
+    params = init_params(model, data()[0], dtype=jnp.float64)
     return ek.ekfac(0.1, blocks=blocks_of(model, params), damping=1e-2).init(params)
 
 

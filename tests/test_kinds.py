@@ -35,52 +35,27 @@ import jax
 import jax.numpy as jnp
 import kinds_reference as kr
 import numpy as np
-import optax
 import pytest
 import reference as ref
+from helpers import (
+    DAMPING,
+    METHODS,
+    SCALING_DECAY,
+    classifier_loss,
+    cross_entropy,
+    init_params,
+    normal_batch,
+    stepper,
+    train,
+    train_step,
+    transforms,
+)
 
 import ekfac_optax as ek
 
 F64 = jnp.float64
-DAMPING = 1e-3
-SCALING_DECAY = 0.7  # EKFAC-ra's running average (and scale_by_ekfac's fallback average)
 KFAC_DECAY = 0.6  # scale_by_kfac's factor_decay where a test is about averages
 RTOL = 1e-8  # norm-wise relative; see the module docstring
-METHODS = ("ekfac", "ekfac-ra", "kfac")
-
-
-def transforms(blocks, *, ekfac_decay=0.0, kfac_decay=0.0, **kwargs) -> dict:
-    """The three methods with ``basis_update_every=1`` (``**kwargs``: damping, fallback, ...)."""
-    kwargs = dict(blocks=blocks, basis_update_every=1, **kwargs)
-    kwargs.setdefault("damping", DAMPING)
-    ekfac = dict(factor_decay=ekfac_decay, scaling_decay=SCALING_DECAY, **kwargs)
-    return {
-        "ekfac": ek.scale_by_ekfac(scaling="batch", **ekfac),
-        "ekfac-ra": ek.scale_by_ekfac(scaling="running", **ekfac),
-        "kfac": ek.scale_by_kfac(factor_decay=kfac_decay, **kwargs),
-    }
-
-
-def stepper(loss_fn, txs: dict):
-    """``jax.jit((params, states, *args) -> (updates, states, grads, stats))`` for each method.
-
-    ``states`` may be ``None``: then each method starts from ``tx.init(params)`` (first step).
-    """
-
-    @jax.jit
-    def step(params, states, *args):
-        _, grads, stats = ek.value_grad_and_stats(loss_fn)(params, *args)
-        if states is None:
-            states = {key: tx.init(params) for key, tx in txs.items()}
-        out = {key: tx.update(grads, states[key], params, stats=stats) for key, tx in txs.items()}
-        return (
-            {key: u for key, (u, _) in out.items()},
-            {key: s for key, (_, s) in out.items()},
-            grads,
-            stats,
-        )
-
-    return step
 
 
 def first_step(loss_fn, params, *args, **kwargs):
@@ -90,24 +65,6 @@ def first_step(loss_fn, params, *args, **kwargs):
         params, None, *args
     )
     return blocks, updates, states, grads, stats
-
-
-def cross_entropy(logits, labels):
-    """Mean over every axis of the softmax cross-entropy (classes on the last axis)."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def classifier_loss(model):
-    def loss_fn(params, x, y):
-        return cross_entropy(model.apply({"params": params}, x), y)
-
-    return loss_fn
-
-
-def normal_batch(seed: int, x_shape: tuple, y_shape: tuple, classes: int = 3):
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.standard_normal(x_shape))
-    return x, jnp.asarray(rng.integers(0, classes, y_shape))
 
 
 def assert_close(actual, expected, what, rtol=RTOL):
@@ -212,7 +169,7 @@ def test_dense_general_equals_dense():
     every non-contracted axis (``T = 4``). Blocks: kind "dense_general", ``d_in`` = prod of the
     contracted axes, ``d_out`` = prod(features)."""
     x, y = normal_batch(1, (6, 2, 2, D), (6, 2, 2), classes=D)  # N T = 24 > d_in + 1 = 7
-    params = kr.init_params(DenseGeneralNet(), x)
+    params = init_params(DenseGeneralNet(), x)
     blocks, updates, _, grads, _ = first_step(classifier_loss(DenseGeneralNet()), params, x, y)
     dense_params = dense_general_to_dense(params)
     _, dense_updates, _, _, _ = first_step(
@@ -238,7 +195,7 @@ def test_dense_general_batch_dims_equals_separate_dense():
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((G_STACK, 6, 2, 4)))  # N T = 12 > d_in + 1 = 5
     y = jnp.asarray(rng.integers(0, 6, (G_STACK, 6, 2)))
-    params = kr.init_params(StackedDenseGeneralNet(), x)
+    params = init_params(StackedDenseGeneralNet(), x)
     blocks, updates, states, _, _ = first_step(
         classifier_loss(StackedDenseGeneralNet()), params, x, y
     )
@@ -316,7 +273,7 @@ def test_grouped_and_depthwise_conv_equal_one_conv_per_group():
     that of a separate ``nn.Conv`` on its input channels; the state is stacked, ``factor_a``
     ``(G, a, a)``, ``factor_b`` ``(G, b, b)``, ``scalings`` ``(G, a, b)``."""
     x, y = normal_batch(3, (8, 5, 5, 2), (8,), classes=4)  # N T >= 72 > d_in + 1 = 19
-    params = kr.init_params(GroupedNet(), x)
+    params = init_params(GroupedNet(), x)
     blocks, updates, states, grads, _ = first_step(classifier_loss(GroupedNet()), params, x, y)
     split_params = split_groups(params)
     _, split_updates, _, _, _ = first_step(classifier_loss(GroupsAsConvs()), split_params, x, y)
@@ -372,7 +329,7 @@ def test_embed_equals_one_hot_dense():
     embedding: KFAC on any batch; EKFAC and EKFAC-ra on a batch with distinct token counts. The
     state's input factor is the diagonal ``(vocab,)``, never ``vocab x vocab``."""
     ids, labels = token_batch(4, distinct_counts=True)
-    params = kr.init_params(EmbedNet(), ids)
+    params = init_params(EmbedNet(), ids)
     one_hot_params = {"tokens": {"kernel": params["tokens"]["embedding"]}}
     embed_loss, one_hot_loss = classifier_loss(EmbedNet()), classifier_loss(OneHotNet())
     blocks = ek.find_blocks(embed_loss, params, ids, labels)
@@ -418,7 +375,7 @@ def test_tied_embed_gets_the_diagonal_fallback():
     rng = np.random.default_rng(7)
     ids = jnp.asarray(rng.integers(0, VOCAB, (5, 3)))
     labels = jnp.asarray(rng.integers(0, VOCAB, (5, 3)))
-    params = kr.init_params(TiedNet(), ids)
+    params = init_params(TiedNet(), ids)
     loss_fn = classifier_loss(TiedNet())
     blocks, updates, _, _, _ = first_step(loss_fn, params, ids, labels)
     assert "mix" in blocks and blocks["mix"].block == "kronecker"
@@ -436,7 +393,7 @@ def test_tied_embed_gets_the_diagonal_fallback():
 def test_embed_on_floats_raises_naming_the_layer():
     """An nn.Embed called on floats: a ValueError naming its path (Flax's own error does not)."""
     ids, labels = token_batch(8, distinct_counts=False)
-    params = kr.init_params(EmbedNet(), ids)
+    params = init_params(EmbedNet(), ids)
     loss_fn = classifier_loss(EmbedNet())
     floats = ids.astype(F64)
     with pytest.raises(ValueError, match="tokens"):
@@ -539,7 +496,7 @@ def test_norm_scale_and_shift_per_example():
     debiased EMA (``factor_decay=0.6``) of ``mean_n G_n²``; update ``g / (s + ε)``, with
     ``G_n`` from ``jax.vmap(jax.grad(...))``."""
     batches = [normal_batch(10 + k, (8, 3, 4), (8, 3), classes=6) for k in range(3)]
-    params = kr.init_params(NormNet(), batches[0][0])
+    params = init_params(NormNet(), batches[0][0])
     loss_fn = classifier_loss(NormNet())
     blocks, updates, _ = run_steps(loss_fn, params, batches, kfac_decay=KFAC_DECAY)
     per_example = jax.jit(ref.per_example_grads, static_argnums=0)
@@ -568,7 +525,7 @@ def test_batch_norm_scale_and_shift():
     formula ``Σ_t x_hat δ`` / ``Σ_t δ`` (``batch_norm_per_example``), which the test first checks
     against the minibatch gradient (``mean_n G_n = g``)."""
     batches = [normal_batch(20 + k, (8, 3, 4), (8, 3), classes=5) for k in range(3)]
-    params = kr.init_params(BatchNormNet(), batches[0][0])
+    params = init_params(BatchNormNet(), batches[0][0])
     blocks, updates, _ = run_steps(batch_norm_loss, params, batches, kfac_decay=KFAC_DECAY)
     per_example = []
     grad_fn = jax.jit(jax.grad(batch_norm_loss))
@@ -653,7 +610,7 @@ def conv_transpose_case(request):
     layers = CONV_TRANSPOSE[request.param]
     model = ConvTransposeNet(layers)
     x, y = normal_batch(30, CONV_TRANSPOSE_INPUTS[request.param], (6,), classes=2)
-    params = kr.init_params(model, x)
+    params = init_params(model, x)
     loss_fn = classifier_loss(model)
     forward = conv_transpose_forward(layers)
     effective = to_effective(params, layers)
@@ -753,7 +710,7 @@ def test_fallback_diagonal_and_identity():
     running, ``factor_decay`` for scale_by_kfac); ``fallback="identity"`` passes ``g`` through
     unchanged; ``summarize`` marks them."""
     batches = [normal_batch(40 + k, (8, 4, 3), (8, 4)) for k in range(3)]
-    params = kr.init_params(FallbackNet(), batches[0][0])
+    params = init_params(FallbackNet(), batches[0][0])
     loss_fn = classifier_loss(FallbackNet())
     blocks = ek.find_blocks(loss_fn, params, *batches[0])
     assert set(blocks) == {"dense"}
@@ -823,7 +780,7 @@ def test_weight_sharing_reduce():
     Conv."""
     model = ReduceNet()
     x, y = normal_batch(50, (24, 3, 3), (24,))  # N = 24 > d_in + 1 = 9 (conv): A has full rank
-    params = kr.init_params(model, x)
+    params = init_params(model, x)
     loss_fn = classifier_loss(model)
     _, updates, _, _, _ = first_step(loss_fn, params, x, y, weight_sharing="reduce")
     per_example, h_delta = jax.jit(
@@ -883,7 +840,7 @@ def test_stock_transformer_runs():
     rng = np.random.default_rng(60)
     ids = jnp.asarray(rng.integers(0, 11, (4, 5)), jnp.int32)
     targets = jnp.asarray(rng.integers(0, 11, (4, 5)), jnp.int32)
-    params = kr.init_params(model, ids)  # float32, the model's param dtype
+    params = init_params(model, ids)  # float32, the model's param dtype
     loss_fn = classifier_loss(model)
     blocks = ek.find_blocks(loss_fn, params, ids, targets)
     assert blocks["embed"].kind == "embed"
@@ -892,16 +849,10 @@ def test_stock_transformer_runs():
     assert blocks["ln_0"].kind == "scale_and_shift"
     tx = ek.ekfac(1e-2, blocks=blocks)
 
-    @jax.jit
-    def train_step(params, state, ids, targets):
-        loss, grads, stats = ek.value_grad_and_stats(loss_fn)(params, ids, targets)
-        updates, state = tx.update(grads, state, params, stats=stats)
-        return optax.apply_updates(params, updates), state, loss
-
-    state = jax.jit(tx.init)(params)
-    for _ in range(3):
-        params, state, loss = train_step(params, state, ids, targets)
-        assert np.isfinite(float(loss))
+    params, _, losses = train(
+        train_step(loss_fn, tx), params, tx.init(params), [(ids, targets)] * 3
+    )
+    assert np.all(np.isfinite(losses))
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
     rows = summary_rows(params, blocks)
     assert not [row for row in rows.values() if "identity" in row], rows
@@ -936,7 +887,7 @@ def test_dtype_smoke(dtype):
     rng = np.random.default_rng(70)
     ids = jnp.asarray(rng.integers(0, VOCAB, (8, 4)), jnp.int32)
     labels = jnp.asarray(rng.integers(0, 3, (8,)), jnp.int32)
-    params = kr.init_params(model, ids)  # in dtype
+    params = init_params(model, ids)  # in dtype
 
     def loss_fn(params, ids, labels):
         return cross_entropy(model.apply({"params": params}, ids).astype(jnp.float32), labels)

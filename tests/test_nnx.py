@@ -19,8 +19,16 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from test_kinds import METHODS, classifier_loss, normal_batch, stepper, transforms
-from test_transforms import assert_trees_close, init_params
+from helpers import (
+    METHODS,
+    assert_trees_close,
+    classifier_loss,
+    init_params,
+    normal_batch,
+    stepper,
+    train_step,
+    transforms,
+)
 
 import ekfac_optax as ek
 
@@ -129,7 +137,7 @@ def twins(name: str):
         linen, model = LinenTransformerBlock(), NnxTransformerBlock(nnx.Rngs(0))
         ids = jnp.asarray(rng.integers(0, VOCAB, (8, 6)), jnp.int32)
         batch = (ids, jnp.asarray(rng.integers(0, VOCAB, (8, 6)), jnp.int32))
-    params = init_params(linen, batch[0])
+    params = init_params(linen, batch[0], dtype=jnp.float64)
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, params)
     nnx.update(model, state)
@@ -172,18 +180,6 @@ def test_nnx_twin_gives_the_linen_updates(name):
         assert_trees_close(update, expected, (name, method))
 
 
-def linen_train_step(loss_fn, tx):
-    """``jax.jit((params, state, x, y) -> (params, state, loss))``: one step of ``tx``."""
-
-    @jax.jit
-    def step(params, state, x, y):
-        loss, grads, stats = ek.value_grad_and_stats(loss_fn)(params, x, y)
-        updates, state = tx.update(grads, state, params, stats=stats)
-        return optax.apply_updates(params, updates), state, loss
-
-    return step
-
-
 @pytest.mark.parametrize("name", ["mlp", pytest.param("transformer", marks=pytest.mark.slow)])
 def test_nnx_optimizer_trains_like_linen(name):
     """3 steps of ``nnx.Optimizer(model, ek.ekfac(...), wrt=nnx.Param)`` under ``nnx.jit``,
@@ -200,7 +196,7 @@ def test_nnx_optimizer_trains_like_linen(name):
         return loss
 
     tx = ek.ekfac(0.1, blocks=blocks)
-    linen_step = linen_train_step(linen_loss, tx)
+    linen_step = train_step(linen_loss, tx)
     state = tx.init(params)
     for _ in range(3):
         loss = nnx_step(model, optimizer, *batch)
@@ -231,7 +227,7 @@ def test_nnx_state_without_optimizer_trains_like_linen(name):
         assert jax.tree.structure(updates) == jax.tree.structure(state)
         return optax.apply_updates(state, updates), opt_state, loss
 
-    linen_step = linen_train_step(linen_loss, tx)
+    linen_step = train_step(linen_loss, tx)
     linen_state = tx.init(params)
     for _ in range(3):
         state, opt_state, loss = nnx_step(state, opt_state, *batch)
@@ -337,7 +333,7 @@ def test_nnx_scan_over_layers_equals_linen_scan(remat):
     ``nnx.jit``."""
     x, y = normal_batch(7, (32, 6), (32,))
     linen = LinenScanned()
-    params = init_params(linen, x)
+    params = init_params(linen, x, dtype=jnp.float64)
     model = NnxScanned(nnx.Rngs(0), remat=remat)
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, params)

@@ -2,70 +2,33 @@
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from sklearn.datasets import load_digits
+from helpers import MLP, assert_trees_equal, classifier_loss, digits_batches
 
 import ekfac_optax as ek
 
-BATCH = 32
-
-
-class MLP(nn.Module):
-    widths: tuple[int, ...] = (32, 10)
-    activation: str = "tanh"
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        for i, width in enumerate(self.widths):
-            x = nn.Dense(width, dtype=self.dtype, param_dtype=self.dtype)(x)
-            if i < len(self.widths) - 1:
-                x = getattr(nn, self.activation)(x)
-        return x
-
-
-def digits_batches(steps, batch=BATCH, dtype=jnp.float32):
-    data = load_digits()
-    x = jnp.asarray(data.data / 16.0, dtype)
-    y = jnp.asarray(data.target)
-    order = np.random.default_rng(0).permutation(len(y))
-    idx = [order[(i * batch) % 1760 : (i * batch) % 1760 + batch] for i in range(steps)]
-    return [(x[i], y[i]) for i in idx]
+F32 = dict(dtype=jnp.float32, param_dtype=jnp.float32)
 
 
 NO_POISON = {"grads": 0.0, "h": 0.0, "delta": 0.0}
 
 
-def make_loss(model):
-    def loss_fn(params, x, y):
-        logits = model.apply({"params": params}, x).astype(jnp.float32)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    return loss_fn
-
-
-def find_blocks(model, params, x, y):
-    """``ek.find_blocks`` of the loss of :func:`make_step` on a batch ``(x, y)``."""
-    return ek.find_blocks(make_loss(model), params, x, y)
-
-
 @functools.cache
 def mlp_setup(widths=(32, 10)):
-    """``MLP(widths)``, its initial params on the digits and its blocks."""
-    model = MLP(widths)
+    """``MLP(widths)`` in float32, its initial params on the digits and its blocks."""
+    model = MLP(widths, **F32)
     x, y = digits_batches(1)[0]
     params = model.init(jax.random.key(0), x)["params"]
-    return model, params, find_blocks(model, params, x, y)
+    return model, params, ek.find_blocks(classifier_loss(model), params, x, y)
 
 
 def make_step(model, tx):
     """A jitted train step; `poison[k]` is added to one number of the grads, h or delta."""
-    grad_fn = ek.value_grad_and_stats(make_loss(model))
+    grad_fn = ek.value_grad_and_stats(classifier_loss(model))
 
     @jax.jit
     def step(params, opt_state, x, y, poison):
@@ -81,13 +44,6 @@ def make_step(model, tx):
         return optax.apply_updates(params, updates), opt_state, loss
 
     return step
-
-
-def assert_trees_equal(a, b):
-    chex_leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in chex_leaves:
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def ekfac_state(opt_state):
@@ -107,7 +63,7 @@ def chained_step(scaling):
         else ek.scale_by_ekfac(scaling=scaling, **common)
     )
     tx = optax.chain(precond, optax.clip_by_global_norm(1.0), optax.scale_by_learning_rate(0.1))
-    return tx, make_step(MLP(), tx)
+    return tx, make_step(mlp_setup()[0], tx)
 
 
 @pytest.mark.parametrize("corrupt", ["input", "grads", "delta", "h"])

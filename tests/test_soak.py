@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from helpers import classifier_loss
 
 import ekfac_optax as ek
 
@@ -74,10 +75,7 @@ def soak(case, optimizer):
         x = jax.random.normal(jax.random.fold_in(jax.random.key(0), i), (batch, D_IN))
         return transform(x), jnp.argmax(x @ teacher, axis=-1)
 
-    def loss_fn(params, x, y):
-        logits = model.apply({"params": params}, x).astype(jnp.float32)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
+    loss_fn = classifier_loss(model)
     grad_fn = ek.value_grad_and_stats(loss_fn)
 
     def step(carry, i):

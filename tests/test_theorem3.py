@@ -13,13 +13,15 @@ scikit-learn's digits, at a few checkpoints, in float64, with dense matrices bui
 ``scaling="batch"``, ``factor_decay=0`` update is then compared through basis-invariant matrices.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import linen as nn
-from sklearn.datasets import load_digits
+from helpers import MLP, digits, train_step
+from reference import per_example_grads as per_example_reference
 
 import ekfac_optax as ek
 
@@ -29,15 +31,7 @@ CHECKPOINTS = (0, 10, 30)  # training steps after which the Fisher is examined
 BATCH = 256  # examples per batch, for training and for the Fisher
 
 
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        for width in WIDTHS[:-1]:
-            x = jnp.tanh(nn.Dense(width)(x))
-        return nn.Dense(WIDTHS[-1])(x)
-
-
-MODEL = MLP()
+MODEL = MLP(WIDTHS)
 
 
 def loss_fn(params, x, y):
@@ -56,12 +50,13 @@ def forward(params, x):
     return x, hs
 
 
-def per_example_loss(params, x, y):
+def hand_loss(params, x, y):
+    """The mean loss through the hand-written forward pass."""
     logits, _ = forward(params, x)
-    return -jax.nn.log_softmax(logits)[y]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-per_example_grads = jax.jit(jax.vmap(jax.grad(per_example_loss), in_axes=(None, 0, 0)))
+per_example_grads = jax.jit(functools.partial(per_example_reference, hand_loss))
 flax_logits = jax.jit(lambda params, x: MODEL.apply({"params": params}, x))
 
 
@@ -107,19 +102,13 @@ def brute_force(params, x, y):
 
 
 @pytest.fixture(scope="module")
-def digits():
-    x, y = load_digits(return_X_y=True)
-    return x / 16.0, y
-
-
-@pytest.fixture(scope="module")
-def training(digits):
+def training():
     """The train step and ``{step: params}`` at the checkpoints of an EKFAC training run.
 
     ``factor_decay=0`` and ``scaling="batch"``: from a fresh state, one step of ``train_step``
     leaves the curvature of that batch alone in the state (``test_library_...``).
     """
-    x_all, y_all = digits
+    x_all, y_all = digits()
     # Flax's parameter tree, filled with numpy: kernels N(0, 1/d_in), biases 0.
     rng = np.random.default_rng(0)
     params = {
@@ -136,13 +125,7 @@ def training(digits):
     tx = ek.ekfac(
         0.1, blocks=blocks, damping=1e-2, basis_update_every=5, factor_decay=0.0, scaling="batch"
     )
-    grad_fn = ek.value_grad_and_stats(loss_fn)
-
-    @jax.jit
-    def train_step(params, opt_state, x, y):
-        loss, grads, stats = grad_fn(params, x, y)
-        updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
-        return optax.apply_updates(params, updates), opt_state, loss
+    step_fn = train_step(loss_fn, tx)
 
     opt_state = tx.init(params)
     losses, checkpoints = [], {}
@@ -152,15 +135,15 @@ def training(digits):
         if step == max(CHECKPOINTS):
             break
         idx = rng.choice(len(x_all), BATCH, replace=False)
-        params, opt_state, loss = train_step(params, opt_state, x_all[idx], y_all[idx])
+        params, opt_state, loss = step_fn(params, opt_state, x_all[idx], y_all[idx])
         losses.append(float(loss))
     assert np.mean(losses[-5:]) < 0.5 * losses[0], f"EKFAC did not train: {losses}"
-    return dict(tx=tx, train_step=train_step, checkpoints=checkpoints)
+    return dict(tx=tx, train_step=step_fn, checkpoints=checkpoints)
 
 
 @pytest.fixture(scope="module")
-def fisher_batch(digits):
-    x_all, y_all = digits
+def fisher_batch():
+    x_all, y_all = digits()
     idx = np.random.default_rng(1).choice(len(x_all), BATCH, replace=False)
     return x_all[idx], y_all[idx]
 

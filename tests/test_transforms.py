@@ -9,7 +9,7 @@ Exact equivalences, float64:
   its update equals, leaf for leaf, the stacked updates of the model with ``L`` explicit layers and
   the same weights (EKFAC, EKFAC-ra, KFAC, 2 steps: the second with moving averages). The two runs
   do the same arithmetic (the stacked one through ``vmap``): measured ``0`` to ``4e-16`` relative
-  to each layer's norm; tolerance ``RTOL = 1e-8`` (``test_kinds.py``).
+  to each layer's norm; tolerance ``1e-8`` (``helpers.assert_trees_close``).
 - With ``nn.remat`` / ``jax.checkpoint`` / ``jax.jit`` the forward pass is the same computation
   (recomputed, or compiled separately), so the stats, grads and updates agree to round-off:
   measured ``<= 5e-16``; tolerance ``1e-12``.
@@ -24,15 +24,15 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import kinds_reference as kr
 import numpy as np
 import optax
 import pytest
 import reference as ref
-from test_kinds import (
+from helpers import (
     METHODS,
-    RTOL,
+    assert_trees_close,
     classifier_loss,
+    init_params,
     normal_batch,
     stepper,
     transforms,
@@ -95,11 +95,6 @@ class UnrolledNet(nn.Module):
         return nn.Dense(3, name="head")(x)
 
 
-def init_params(model, *args):
-    """float64 parameters (``kinds_reference.init_params`` keeps the model's float32)."""
-    return jax.tree.map(lambda p: p.astype(jnp.float64), kr.init_params(model, *args))
-
-
 def unroll(tree, stacked: str, prefix: str, layers: int = LAYERS) -> dict:
     """A params-like tree with the stacked subtree ``stacked`` as ``layers`` subtrees."""
     out = {k: v for k, v in tree.items() if k != stacked}
@@ -119,22 +114,6 @@ def run(loss_fn, params, batches, **kwargs):
         out.append((updates, grads, stats))
         params = jax.tree.map(lambda p, u: p + u, params, updates["ekfac"])
     return blocks, out, states
-
-
-def assert_trees_close(actual, expected, what, rtol=RTOL):
-    """Leaf by leaf, relative to the norm of the leaf's layer (its node in the tree): a leaf whose
-    exact value is zero (an attention key's bias, to which softmax is invariant) holds round-off
-    only, which the layer's scale, not its own, measures."""
-    flat_a = jax.tree_util.tree_leaves_with_path(actual)
-    flat_e = jax.tree_util.tree_leaves_with_path(expected)
-    assert [p for p, _ in flat_a] == [p for p, _ in flat_e], what
-    layer_norms: dict = {}
-    for path, e in flat_e:
-        layer_norms[path[:-1]] = layer_norms.get(path[:-1], 0.0) + float(np.sum(np.square(e)))
-    for (path, a), (_, e) in zip(flat_a, flat_e, strict=True):
-        error = float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(e, np.float64)))
-        scale = max(np.sqrt(layer_norms[path[:-1]]), 1e-300)
-        assert error / scale < rtol, (what, jax.tree_util.keystr(path), error / scale)
 
 
 # --- nn.scan over layers -------------------------------------------------------------------------
@@ -162,7 +141,7 @@ def test_scan_over_layers_equals_unrolled(use_bias, norm, wrap):
     x, y = normal_batch(0, (9, 5), (9,))
     batches = [(x, y), normal_batch(1, (9, 5), (9,)), normal_batch(2, (9, 5), (9,))]
     scanned, unrolled = ScannedNet(use_bias, norm, wrap), UnrolledNet(use_bias, norm)
-    params = init_params(scanned, x)
+    params = init_params(scanned, x, dtype=jnp.float64)
     blocks, scanned_out, states = run(classifier_loss(scanned), params, batches)
     _, unrolled_out, _ = run(classifier_loss(unrolled), unroll(params, "stack", "layer_"), batches)
     for step in range(STEPS):  # the stats themselves, position for position
@@ -243,7 +222,7 @@ def test_scanned_transformer_block_equals_unrolled():
         for _ in range(STEPS)
     ]
     scanned = ScannedTransformer()
-    params = init_params(scanned, batches[0][0])
+    params = init_params(scanned, batches[0][0], dtype=jnp.float64)
     # Softmax is invariant to a key's bias, so the keys' blocks have directions of (near-)zero
     # curvature; damping 0.1 bounds the amplification of round-off there (1 / damping) that
     # 1e-3 lets reach 1e-1 of the keys' small update.
@@ -303,7 +282,7 @@ class ExplicitEnsemble(nn.Module):
 def test_vmap_over_layers_equals_explicit_layers():
     """``nn.vmap`` over 3 Dense layers (an ensemble, input shared) = 3 explicit Dense layers."""
     batches = [normal_batch(10 + i, (9, 5), (9,)) for i in range(STEPS)]
-    params = init_params(Ensemble(), batches[0][0])
+    params = init_params(Ensemble(), batches[0][0], dtype=jnp.float64)
     blocks, out, _ = run(classifier_loss(Ensemble()), params, batches)
     explicit = unroll(params, "members", "member_")
     _, expected_out, _ = run(classifier_loss(ExplicitEnsemble()), explicit, batches)
@@ -374,7 +353,7 @@ STRUCTURES = [
 def plain_run():
     """``(params, batches, blocks, [(updates, grads, stats)] per step)`` of the plain ``Net``."""
     batches = [normal_batch(20 + i, (7, WIDTH), (7,)) for i in range(STEPS)]
-    params = init_params(Net(), batches[0][0])
+    params = init_params(Net(), batches[0][0], dtype=jnp.float64)
     blocks, out, _ = run(loss_with("plain"), params, batches)
     return params, batches, blocks, out
 
@@ -395,7 +374,7 @@ def test_pre_jitted_apply_with_a_warm_cache(jit_outer):
     no interceptor): capture still sees every layer, eagerly and under jit, every time."""
     model = Net()
     x, y = normal_batch(30, (7, WIDTH), (7,))
-    params = init_params(model, x)
+    params = init_params(model, x, dtype=jnp.float64)
     apply_fn = jax.jit(model.apply)
     apply_fn({"params": params}, x)  # warm the cache
 
@@ -421,7 +400,7 @@ def test_vmap_over_examples_raises_naming_the_transform():
     params both raise a ValueError naming ``jax.vmap`` and the layer, eagerly and under jit."""
     model = Net()
     x, y = normal_batch(40, (7, WIDTH), (7,))
-    params = init_params(model, x)
+    params = init_params(model, x, dtype=jnp.float64)
 
     def vmapped_loss(params, x, y):
         logits = jax.vmap(lambda xi: model.apply({"params": params}, xi[None])[0])(x)
@@ -486,7 +465,7 @@ def test_scan_over_a_non_leading_axis_falls_back():
 
     x, y = normal_batch(50, (7, WIDTH), (7,))
     model = Axis1()
-    params = init_params(model, x)
+    params = init_params(model, x, dtype=jnp.float64)
     loss_fn = classifier_loss(model)
     blocks = ek.find_blocks(loss_fn, params, x, y)
     assert set(blocks) == {"head"}
@@ -514,7 +493,7 @@ def test_repeated_calls_are_positions_through_remat_and_separate_applies():
     applications' inputs as positions, in call order: never one probe shared by two calls."""
     x, y = normal_batch(60, (7, WIDTH), (7,))
     plain, remat = Shared(), Shared("remat")
-    params = init_params(plain, x)
+    params = init_params(plain, x, dtype=jnp.float64)
     _, expected_grads, expected = ek.value_grad_and_stats(classifier_loss(plain))(params, x, y)
     _, grads, stats = ek.value_grad_and_stats(classifier_loss(remat))(params, x, y)
     assert stats["shared"].h.shape == (7, 2, WIDTH)
@@ -539,7 +518,7 @@ def test_integer_inputs_to_a_dense_layer():
     model = nn.Dense(3)
     x = jnp.asarray(np.random.default_rng(70).integers(0, 255, (9, 4)), jnp.uint8)
     y = jnp.arange(9) % 3
-    params = init_params(model, x.astype(jnp.float64))
+    params = init_params(model, x.astype(jnp.float64), dtype=jnp.float64)
     loss_fn = classifier_loss(model)
     blocks = ek.find_blocks(loss_fn, params, x, y)
     _, grads, stats = ek.value_grad_and_stats(loss_fn)(params, x, y)
