@@ -1,11 +1,30 @@
-"""Pieces shared by the benchmarks: the machine's description and kfac-jax, the external peer."""
+"""Pieces shared by the benchmarks: their command line, the machine's description and kfac-jax,
+the external peer."""
 
+import argparse
 import os
 import platform
 from collections.abc import Callable
 from typing import Any
 
 import jax
+
+
+def base_parser(doc: str, quick: str, seed: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark has: ``--quick`` (the smoke run of the tests and CI; ``quick``
+    says what it does), ``--out`` (the results folder) and, with ``seed``, ``--seed``; the
+    description is the first paragraph of the module's ``doc``."""
+    parser = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--out", default="benchmarks/results", help="output folder")
+    if seed:
+        parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def comma_floats(text: str | None, default) -> list[float]:
+    """The value of a comma-list option (``--lrs 1,0.1``) as floats; ``default`` without one."""
+    return list(default) if text is None else [float(v) for v in text.split(",")]
 
 
 def cpu_model() -> str:
@@ -52,6 +71,17 @@ def import_kfac_jax() -> Any:
 
     tag_graph_matcher.eval_jaxpr_eqn = eval_jaxpr_eqn
     return kfac_jax
+
+
+def kfac_jax_status(probe: Callable[[Any], str] | None = None) -> tuple[Any, str]:
+    """``(kfac_jax, "")`` if kfac-jax imports (and ``probe(kfac_jax)``, e.g. a step on a tiny
+    problem, returns no reason against it), else ``(None, reason)``."""
+    try:
+        kfac_jax = import_kfac_jax()
+        reason = probe(kfac_jax) if probe is not None else ""
+    except Exception as e:  # any failure means "unavailable", with its reason
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return (None, reason) if reason else (kfac_jax, "")
 
 
 def kfac_jax_optimizer(

@@ -99,6 +99,159 @@ def pack(out) -> tuple[tuple[Any, Any], Any]:
     return (params, opt_state), loss
 
 
+# --- Transformations and compiled steps of a comparison ------------------------------------------
+KRONECKER_METHODS = ("EKFAC", "EKFAC-ra", "KFAC")
+
+
+def kronecker_tx(
+    method: str,
+    blocks: dict,
+    lr,
+    damping,
+    every,
+    *,
+    factor_decay: float = 0.95,
+    kfac_damping_mode: str = "tikhonov",
+    ekfac_damping_mode: str = "tikhonov",
+    fallback: str = "diagonal",
+    clip: bool = False,
+) -> optax.GradientTransformation:
+    """One of ``KRONECKER_METHODS`` (EKFAC: ``scaling="batch"``, EKFAC-ra: ``"running"``), then,
+    with ``clip``, ``clip_by_global_norm(1.0)``, then the learning rate (``ek.ekfac``'s chain)."""
+    common = dict(
+        blocks=blocks,
+        damping=damping,
+        basis_update_every=every,
+        factor_decay=factor_decay,
+        fallback=fallback,
+    )
+    if method == "KFAC":
+        precondition = ek.scale_by_kfac(damping_mode=kfac_damping_mode, **common)
+    elif method in ("EKFAC", "EKFAC-ra"):
+        scaling = "running" if method == "EKFAC-ra" else "batch"
+        precondition = ek.scale_by_ekfac(scaling=scaling, damping_mode=ekfac_damping_mode, **common)
+    else:
+        raise ValueError(f"{method!r} is none of {KRONECKER_METHODS}")
+    clipping = [optax.clip_by_global_norm(1.0)] if clip else []
+    return optax.chain(precondition, *clipping, optax.scale_by_learning_rate(lr))
+
+
+def traced(value) -> jax.Array:
+    """A hyperparameter as a traced argument of a compiled step: int32 for an int (a period),
+    else float32."""
+    is_int = isinstance(value, int | np.integer) and not isinstance(value, bool)
+    return jnp.int32(value) if is_int else jnp.float32(value)
+
+
+class Compiled:
+    """One jitted step per method, built on first use, and the runs that share it.
+
+    The hyperparameters are traced arguments of the step (``step(variables, opt_state, batch,
+    *hyper) -> (variables, opt_state, loss)``), so one compilation serves a whole grid. A
+    benchmark subclasses it with ``make_tx(method, *hyper)``, ``step(method)``,
+    ``initial_variables(method)`` (with ``"params"``, or override ``initial_params``) and
+    ``evaluate(method, variables) -> metrics``.
+    """
+
+    def __init__(self):
+        self.cache = {}
+
+    def cached(self, key, build: Callable[[], Any]) -> Any:
+        if key not in self.cache:
+            self.cache[key] = build()
+        return self.cache[key]
+
+    def initial_opt_state(self, method: str, *hyper) -> Any:
+        """The method's optimizer state at the start: the same for any hyperparameters, so
+        ``hyper`` are placeholders of the right kind."""
+        tx = self.make_tx(method, *hyper)
+        return self.cached(("init", method), lambda: jax.jit(tx.init)(self.initial_params(method)))
+
+    def initial_params(self, method: str) -> Any:
+        return self.initial_variables(method)["params"]
+
+    def runner(self, method: str, *hyper) -> Runner:
+        """The run of ``method`` with hyperparameters ``hyper`` (``make_tx``'s after the method)."""
+        step, hyper = self.step(method), tuple(traced(h) for h in hyper)
+        return Runner(
+            init=lambda: (self.initial_variables(method), self.initial_opt_state(method, *hyper)),
+            step=lambda s, b: pack(step(s[0], s[1], b, *hyper)),
+            evaluate=lambda s: self.evaluate(method, s[0]),
+        )
+
+
+class Problem(NamedTuple):
+    """A model trained by Kronecker methods (``model``) and first-order ones (``model``, or
+    ``bn_model``: the same with BatchNorm), its data and its blocks."""
+
+    model: Any
+    bn_model: Any
+    params: Any
+    bn_variables: Any  # bn_model's: the same Dense/Conv params, BN scale 1, bias 0, fresh stats
+    data: Any
+    blocks: dict  # ek.find_blocks of the plain model's loss on a minibatch
+
+
+class ProblemSteps(Compiled):
+    """:class:`Compiled` for a :class:`Problem` with ``objective(logits, batch)``: the Kronecker
+    methods' steps are :func:`kronecker_step` (``hyper = (lr, damping, every)``), the others'
+    :func:`first_order_step` (``hyper = (lr,)``), with BatchNorm for ``bn_methods``.
+
+    A subclass gives ``kronecker_tx(method, lr, damping, every)``, ``first_order_tx(method, lr)``
+    and ``metrics(variables, batch_norm)`` (``variables``: the params, or with ``batch_norm``
+    the BatchNorm model's variables).
+    """
+
+    kronecker_methods: tuple[str, ...] = KRONECKER_METHODS
+    bn_methods: tuple[str, ...] = ()
+
+    def __init__(self, problem: Problem, objective: Callable):
+        super().__init__()
+        self.problem, self.objective = problem, objective
+
+    def make_tx(self, method: str, *hyper) -> optax.GradientTransformation:
+        if method in self.kronecker_methods:
+            return self.kronecker_tx(method, *hyper)
+        return self.first_order_tx(method, *hyper)
+
+    def step(self, method: str) -> Callable:
+        if method in self.kronecker_methods:
+            return self.cached(
+                method,
+                lambda: kronecker_step(
+                    self.problem.model, self.objective, lambda *h: self.make_tx(method, *h)
+                ),
+            )
+        bn = method in self.bn_methods
+        return self.cached(
+            method,
+            lambda: first_order_step(
+                self.problem.bn_model if bn else self.problem.model,
+                self.objective,
+                lambda lr: self.make_tx(method, lr),
+                batch_norm=bn,
+            ),
+        )
+
+    def initial_variables(self, method: str) -> Any:
+        """The Kronecker methods' params or the first-order methods' variables."""
+        if method in self.bn_methods:
+            return self.problem.bn_variables
+        if method in self.kronecker_methods:
+            return self.problem.params
+        return {"params": self.problem.params}
+
+    def initial_params(self, method: str) -> Any:
+        if method in self.bn_methods:
+            return self.problem.bn_variables["params"]
+        return self.problem.params
+
+    def evaluate(self, method: str, variables: Any) -> tuple[float, ...]:
+        if method not in self.kronecker_methods and method not in self.bn_methods:
+            variables = variables["params"]
+        return self.metrics(variables, method in self.bn_methods)
+
+
 def train_alternated(
     runners: Sequence[tuple[str, Runner]],
     data: tuple[np.ndarray, ...],

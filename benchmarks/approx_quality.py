@@ -50,7 +50,6 @@ writes ``approx_quality.csv`` (``step, layer, method, metric, value``), ``approx
 and ``approx_quality.md`` to ``--out``.
 """
 
-import argparse
 import csv
 import sys
 import time
@@ -64,7 +63,7 @@ import optax
 from flax import linen as nn
 
 import ekfac_optax as ek
-from benchmarks._common import machine_info
+from benchmarks._common import base_parser, machine_info
 
 WIDTHS = (32, 16, 10)
 LAYERS = ("Dense_0", "Dense_1", "Dense_2")
@@ -204,9 +203,7 @@ def init_params(rng):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="30 steps, evaluated every 10")
-    parser.add_argument("--out", default="benchmarks/results", help="output folder")
+    parser = base_parser(__doc__, quick="30 steps, evaluated every 10")
     parser.add_argument("--steps", type=int, default=None, help="training steps (300; quick 30)")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--recompute-every", type=int, default=100, help="KFE refresh, Fig. 3")
@@ -217,7 +214,6 @@ def parse_args(argv):
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--damping", type=float, default=1e-2)
     parser.add_argument("--ra-decay", type=float, default=0.95, help="EKFAC-ra decay d")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = 30 if args.quick else 300

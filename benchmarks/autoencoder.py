@@ -36,7 +36,6 @@ writes ``STEM.csv``, ``STEM_fig4.png``, ``STEM_fig5.png`` and ``STEM.md`` to ``-
 ``STEM`` is ``autoencoder`` (28x28 or MNIST) or ``autoencoder_small`` (``--small``, ``--quick``).
 """
 
-import argparse
 import csv
 import gzip
 import math
@@ -45,7 +44,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -53,19 +51,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import ekfac_optax as ek
-from benchmarks._common import import_kfac_jax, kfac_jax_optimizer, machine_info
+from benchmarks._common import (
+    base_parser,
+    comma_floats,
+    kfac_jax_optimizer,
+    kfac_jax_status,
+    machine_info,
+)
 from benchmarks._training import (
+    Problem,
+    ProblemSteps,
     Runner,
     best_by_method,
     config_string,
     final_loss,
     find_blocks,
-    first_order_step,
     fmt_list,
-    kronecker_step,
+    kronecker_tx,
     median_ms_per_step,
-    pack,
     time_to_reach,
     train_alternated,
 )
@@ -160,105 +163,44 @@ def arch_string(hidden, code, pixels) -> str:
 
 
 # --- Runners --------------------------------------------------------------------------------------
-class Problem(NamedTuple):
-    model: AutoEncoder
-    bn_model: AutoEncoder
-    params: Any
-    bn_variables: Any  # BatchNorm model: same Dense params, BN scale 1, bias 0, fresh stats
-    train_x: np.ndarray
-    val_x: np.ndarray
-    blocks: dict  # ek.find_blocks of the plain model's loss on a minibatch
+class Steps(ProblemSteps):
+    """The compiled steps of the autoencoder (``problem.data``: training and validation images)."""
 
-
-def kronecker_tx(method: str, blocks, lr, damping, every: int) -> optax.GradientTransformation:
-    common = dict(blocks=blocks, damping=damping, basis_update_every=every)
-    if method == "KFAC":
-        return ek.kfac(lr, factor_decay=FACTOR_DECAY, **common)
-    scaling = "running" if method == "EKFAC-ra" else "batch"
-    return ek.ekfac(lr, factor_decay=FACTOR_DECAY, scaling=scaling, **common)
-
-
-def first_order_tx(method: str, lr) -> optax.GradientTransformation:
-    return optax.sgd(lr, momentum=SGD_MOMENTUM) if method == "SGD" else optax.adam(lr)
-
-
-class Compiled:
-    """One jitted step per method: learning rate, damping and basis period are arguments."""
+    kronecker_methods = ("EKFAC", "EKFAC-ra", "KFAC")
+    bn_methods = ("Adam+BN",)
 
     def __init__(self, problem: Problem):
-        self.problem = problem
-        self.cache = {}
+        super().__init__(problem, objective)
         model, bn_model = problem.model, problem.bn_model
         self.loss = jax.jit(lambda params, x: bce(model.apply({"params": params}, x), x))
         self.bn_loss = jax.jit(lambda variables, x: bce(bn_model.apply(variables, x), x))
 
-    def evaluate(self, loss_fn, variables) -> tuple[float, float]:
+    def kronecker_tx(self, method: str, lr, damping, every) -> optax.GradientTransformation:
+        blocks = self.problem.blocks
+        return kronecker_tx(method, blocks, lr, damping, every, factor_decay=FACTOR_DECAY)
+
+    def first_order_tx(self, method: str, lr) -> optax.GradientTransformation:
+        return optax.sgd(lr, momentum=SGD_MOMENTUM) if method == "SGD" else optax.adam(lr)
+
+    def metrics(self, variables, batch_norm: bool) -> tuple[float, float]:
         """Training and validation loss, each on the whole set."""
-        problem = self.problem
-        return tuple(float(loss_fn(variables, x)) for x in (problem.train_x, problem.val_x))
-
-    def kronecker(self, method: str):
-        if method not in self.cache:
-            self.cache[method] = kronecker_step(
-                self.problem.model,
-                objective,
-                lambda *h: kronecker_tx(method, self.problem.blocks, *h),
-            )
-        return self.cache[method]
-
-    def first_order(self, method: str):
-        if method not in self.cache:
-            bn = method == "Adam+BN"
-            model = self.problem.bn_model if bn else self.problem.model
-            self.cache[method] = first_order_step(
-                model, objective, lambda lr: first_order_tx(method, lr), batch_norm=bn
-            )
-        return self.cache[method]
+        loss_fn = self.bn_loss if batch_norm else self.loss
+        return tuple(float(loss_fn(variables, x)) for x in self.problem.data)
 
 
-def make_runner(compiled: Compiled, method: str, lr: float, damping, every: int, kfac_jax):
-    problem = compiled.problem
+def make_runner(steps: Steps, method: str, lr: float, damping, every: int, kfac_jax) -> Runner:
     if method == "kfac-jax":
-        return kfac_jax_runner(kfac_jax, compiled, lr, damping, every)
-    if method in KRONECKER:
-        step = compiled.kronecker(method)
-        # The state does not depend on lr, damping, n.
-        tx = kronecker_tx(method, problem.blocks, 1.0, 1.0, every)
-        lr_, damping_, every_ = jnp.float32(lr), jnp.float32(damping), jnp.int32(every)
-        return Runner(
-            init=lambda: (problem.params, tx.init(problem.params)),
-            step=lambda s, b: pack(step(s[0], s[1], b, lr_, damping_, every_)),
-            evaluate=lambda s: compiled.evaluate(compiled.loss, s[0]),
-        )
-    step = compiled.first_order(method)
-    tx = first_order_tx(method, 1.0)
-    lr_ = jnp.float32(lr)
-    if method == "Adam+BN":
-        return Runner(
-            init=lambda: (problem.bn_variables, tx.init(problem.bn_variables["params"])),
-            step=lambda s, b: pack(step(s[0], s[1], b, lr_)),
-            evaluate=lambda s: compiled.evaluate(compiled.bn_loss, s[0]),
-        )
-    return Runner(
-        init=lambda: ({"params": problem.params}, tx.init(problem.params)),
-        step=lambda s, b: pack(step(s[0], s[1], b, lr_)),
-        evaluate=lambda s: compiled.evaluate(compiled.loss, s[0]["params"]),
-    )
+        return kfac_jax_runner(kfac_jax, steps, lr, damping, every)
+    if method in steps.kronecker_methods:
+        return steps.runner(method, float(lr), float(damping), int(every))
+    return steps.runner(method, float(lr))
 
 
 # --- kfac-jax -------------------------------------------------------------------------------------
-def kfac_jax_status() -> tuple[Any, str]:
-    """``(kfac_jax module, "")`` if kfac-jax imports, else ``(None, reason)``."""
-    try:
-        return import_kfac_jax(), ""
-    except Exception as e:
-        return None, f"{type(e).__name__}: {e}"
-
-
-def kfac_jax_runner(kfac_jax, compiled: Compiled, lr: float, damping: float, every: int):
+def kfac_jax_runner(kfac_jax, steps: Steps, lr: float, damping: float, every: int):
     """kfac-jax's KFAC: fixed learning rate and damping, no momentum, exact inverses of
     ``A ⊗ B + damping I`` every ``every`` steps, empirical Fisher, factor EMA 0.95 (as ours)."""
-    problem = compiled.problem
+    problem = steps.problem
 
     def loss_fn(params, x):
         logits = problem.model.apply({"params": params}, x)
@@ -270,7 +212,7 @@ def kfac_jax_runner(kfac_jax, compiled: Compiled, lr: float, damping: float, eve
 
     def init():
         params = jax.tree.map(jnp.copy, problem.params)  # kfac-jax donates its inputs
-        return params, optimizer.init(params, rng, problem.train_x[:1]), 0
+        return params, optimizer.init(params, rng, problem.data[0][:1]), 0
 
     def step(state, batch):
         params, opt_state, i = state
@@ -279,7 +221,7 @@ def kfac_jax_runner(kfac_jax, compiled: Compiled, lr: float, damping: float, eve
         )
         return (params, opt_state, i + 1), stats["loss"]
 
-    return Runner(init, step, evaluate=lambda s: compiled.evaluate(compiled.loss, s[0]))
+    return Runner(init, step, evaluate=lambda s: steps.metrics(s[0], batch_norm=False))
 
 
 # --- Runs -----------------------------------------------------------------------------------------
@@ -310,8 +252,8 @@ def run(args, kfac_jax, kfac_jax_reason) -> tuple[list[dict], dict]:
     bn_params.update({k: v for k, v in params.items()})  # the same Dense weights as the others
     bn_variables = {"params": bn_params, "batch_stats": bn_variables["batch_stats"]}
     blocks = find_blocks(model, objective, params, (train_x[: args.batch],))
-    problem = Problem(model, bn_model, params, bn_variables, train_x, val_x, blocks)
-    compiled = Compiled(problem)
+    problem = Problem(model, bn_model, params, bn_variables, (train_x, val_x), blocks)
+    steps = Steps(problem)
 
     methods = [m for m in METHODS if m != "kfac-jax" or kfac_jax is not None]
     grid = {
@@ -328,7 +270,7 @@ def run(args, kfac_jax, kfac_jax_reason) -> tuple[list[dict], dict]:
         for method, lr, damping, every in configs:
             label = f"{method} lr={lr:g}" + ("" if damping is None else f" damping={damping:g}")
             label += f" n={every}" if experiment == "fig5" else ""
-            labelled.append((label, make_runner(compiled, method, lr, damping, every, kfac_jax)))
+            labelled.append((label, make_runner(steps, method, lr, damping, every, kfac_jax)))
         histories = train_alternated(labelled, (train_x,), epochs, args.batch, args.seed)
         for (method, lr, damping, every), history in zip(configs, histories, strict=True):
             runs.append(dict(method=method, lr=lr, damping=damping, every=every,
@@ -614,13 +556,10 @@ def stem(args) -> str:
 
 # --- Entry point ----------------------------------------------------------------------------------
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="CI: --small, 500 images, 2 epochs, 1 config, n 1/10")  # fmt: skip
+    parser = base_parser(__doc__, quick="CI: --small, 500 images, 2 epochs, 1 config, n 1/10")
     parser.add_argument("--small", action="store_true", help="8x8 digits, 64-128-64-32-8 widths")
     parser.add_argument("--mnist-dir", default=None, help="folder with train-images-idx3-ubyte")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (30; quick 2)")
-    parser.add_argument("--out", default="benchmarks/results", help="output folder")
     parser.add_argument("--lrs", default=None, help="comma list (default the paper's 4 values)")
     parser.add_argument("--dampings", default=None, help="comma list (default the paper's)")
     parser.add_argument("--basis-update-every", type=int, default=20)
@@ -628,11 +567,8 @@ def parse_args(argv):
     parser.add_argument("--fig5-epochs", type=int, default=None, help="(default: --epochs)")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--no-kfac-jax", action="store_true", help="skip kfac-jax")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-
-    def floats(text, default):
-        return default if text is None else [float(v) for v in text.split(",")]
+    floats = comma_floats
 
     if args.quick:
         args.small = True

@@ -71,7 +71,6 @@ models (one 8-channel conv stage; a stem and one block) on 256 digits for one ep
 configuration per method.
 """
 
-import argparse
 import csv
 import math
 import os
@@ -89,19 +88,18 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-import ekfac_optax as ek
-from benchmarks._common import machine_info
+from benchmarks._common import base_parser, comma_floats, machine_info
 from benchmarks._training import (
+    Problem,
+    ProblemSteps,
     Runner,
     best_by_method,
     config_string,
     final_loss,
     find_blocks,
-    first_order_step,
     fmt_list,
-    kronecker_step,
+    kronecker_tx,
     median_ms_per_step,
-    pack,
     time_to_reach,
     train_alternated,
 )
@@ -346,29 +344,15 @@ def objective(logits, batch):
 
 
 # --- Steps ----------------------------------------------------------------------------------------
-class Problem(NamedTuple):
-    model: nn.Module
-    bn_model: nn.Module
-    params: Any
-    bn_variables: Any
-    data: Data
-    blocks: dict  # ek.find_blocks of the plain model's loss on a minibatch
+class Steps(ProblemSteps):
+    """The compiled steps of one architecture on ``problem.data`` (a :class:`Data`)."""
 
-
-def kronecker_tx(method: str, blocks, lr, damping, every, args) -> optax.GradientTransformation:
-    common = dict(
-        blocks=blocks, damping=damping, basis_update_every=every, factor_decay=FACTOR_DECAY
-    )
-    if method == "KFAC":
-        return ek.kfac(lr, damping_mode="factored", **common)
-    return ek.ekfac(lr, scaling="running", damping_mode=args.ekfac_damping_mode, **common)
-
-
-class Compiled:
-    """One jitted step per method and architecture: learning rate, damping, period are arguments."""
+    kronecker_methods = KRONECKER
+    bn_methods = ("SGD+BN",)
 
     def __init__(self, problem: Problem, args):
-        self.problem, self.args, self.cache = problem, args, {}
+        super().__init__(problem, objective)
+        self.args = args
         model, bn_model = problem.model, problem.bn_model
 
         def sums(logits, y):
@@ -378,9 +362,25 @@ class Compiled:
         self.plain_sums = jax.jit(lambda p, x, y: sums(model.apply({"params": p}, x), y))
         self.bn_sums = jax.jit(lambda v, x, y: sums(bn_model.apply(v, x), y))
 
-    def evaluate(self, sums_fn, variables) -> tuple[float, float, float, float]:
+    def kronecker_tx(self, method: str, lr, damping, every) -> optax.GradientTransformation:
+        """KFAC with factored damping; EKFAC-ra with ``--ekfac-damping-mode``."""
+        return kronecker_tx(
+            method,
+            self.problem.blocks,
+            lr,
+            damping,
+            every,
+            factor_decay=FACTOR_DECAY,
+            kfac_damping_mode="factored",
+            ekfac_damping_mode=self.args.ekfac_damping_mode,
+        )
+
+    def first_order_tx(self, method: str, lr) -> optax.GradientTransformation:
+        return optax.sgd(lr, momentum=SGD_MOMENTUM)
+
+    def metrics(self, variables, batch_norm: bool) -> tuple[float, float, float, float]:
         """Training loss, validation loss, training and validation accuracy."""
-        data = self.problem.data
+        sums_fn, data = self.bn_sums if batch_norm else self.plain_sums, self.problem.data
         train_loss, train_acc = self.mean_loss_accuracy(sums_fn, variables, data.train_x,
                                                         data.train_y)  # fmt: skip
         val_loss, val_acc = self.mean_loss_accuracy(sums_fn, variables, data.val_x, data.val_y)
@@ -396,55 +396,11 @@ class Compiled:
             loss, correct = loss + float(chunk_loss), correct + int(chunk_correct)
         return loss / len(x), correct / len(x)
 
-    def initial_opt_state(self, method: str):
-        """The method's optimizer state at the start (the same for any lr, damping, period)."""
-        key = ("init", method)
-        if key not in self.cache:
-            tx = kronecker_tx(method, self.problem.blocks, 1.0, 1.0, 1, self.args)
-            self.cache[key] = jax.jit(tx.init)(self.problem.params)
-        return self.cache[key]
 
-    def kronecker(self, method: str):
-        if method not in self.cache:
-            self.cache[method] = kronecker_step(
-                self.problem.model,
-                objective,
-                lambda *h: kronecker_tx(method, self.problem.blocks, *h, self.args),
-            )
-        return self.cache[method]
-
-    def first_order(self, method: str):
-        if method not in self.cache:
-            bn = method == "SGD+BN"
-            self.cache[method] = first_order_step(
-                self.problem.bn_model if bn else self.problem.model,
-                objective,
-                lambda lr: optax.sgd(lr, momentum=SGD_MOMENTUM),
-                batch_norm=bn,
-            )
-        return self.cache[method]
-
-
-def make_runner(compiled: Compiled, method: str, lr: float, damping, every: int) -> Runner:
-    problem = compiled.problem
+def make_runner(steps: Steps, method: str, lr: float, damping, every: int) -> Runner:
     if method in KRONECKER:
-        step = compiled.kronecker(method)
-        lr_, damping_, every_ = jnp.float32(lr), jnp.float32(damping), jnp.int32(every)
-        return Runner(
-            init=lambda: (problem.params, compiled.initial_opt_state(method)),
-            step=lambda s, b: pack(step(s[0], s[1], b, lr_, damping_, every_)),
-            evaluate=lambda s: compiled.evaluate(compiled.plain_sums, s[0]),
-        )
-    step = compiled.first_order(method)
-    tx = optax.sgd(1.0, momentum=SGD_MOMENTUM)
-    lr_ = jnp.float32(lr)
-    variables = problem.bn_variables if method == "SGD+BN" else {"params": problem.params}
-    sums = compiled.bn_sums if method == "SGD+BN" else compiled.plain_sums
-    return Runner(
-        init=lambda: (variables, tx.init(variables["params"])),
-        step=lambda s, b: pack(step(s[0], s[1], b, lr_)),
-        evaluate=lambda s: compiled.evaluate(sums, s[0] if method == "SGD+BN" else s[0]["params"]),
-    )
+        return steps.runner(method, float(lr), float(damping), int(every))
+    return steps.runner(method, float(lr))
 
 
 # --- Runs -----------------------------------------------------------------------------------------
@@ -476,12 +432,12 @@ def run(args, data: Data) -> tuple[list[dict], dict]:
         archs[arch] = dict(desc=desc, n_params=int(n_params))
         minibatch = (data.train_x[: args.batch], data.train_y[: args.batch])
         blocks = find_blocks(model, objective, params, minibatch)
-        compiled = Compiled(Problem(model, bn_model, params, bn_variables, data, blocks), args)
+        steps = Steps(Problem(model, bn_model, params, bn_variables, data, blocks), args)
         configs = [(m, lr, d) for m in METHODS for lr, d in grid[m]]
         labelled = [
             (
                 f"{arch} {m} lr={lr:.3g}" + ("" if d is None else f" damping={d:g}"),
-                make_runner(compiled, m, lr, d, args.basis_update_every),
+                make_runner(steps, m, lr, d, args.basis_update_every),
             )
             for m, lr, d in configs
         ]
@@ -721,14 +677,11 @@ def summary(runs, context, args, command, wall) -> str:
 
 # --- Entry point ----------------------------------------------------------------------------------
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="CI: tiny models, 256 images, 1 epoch, 1 config")  # fmt: skip
+    parser = base_parser(__doc__, quick="CI: tiny models, 256 images, 1 epoch, 1 config")
     parser.add_argument("--cifar-dir", default=None, help="folder with the CIFAR-10 python batches")
     parser.add_argument("--small", action="store_true", help="the small models on CIFAR-10 too")
     parser.add_argument("--digits-size", type=int, default=8, help="digits resized to this (8)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default 20; quick 1)")
-    parser.add_argument("--out", default="benchmarks/results", help="output folder")
     parser.add_argument("--lrs", default=None, help="comma list (default 1,0.1,0.01)")
     parser.add_argument("--dampings", default=None, help="comma list (default 0.1,0.01,0.001)")
     parser.add_argument("--basis-update-every", type=int, default=10)
@@ -737,11 +690,8 @@ def parse_args(argv):
     parser.add_argument("--archs", default=",".join(ARCHS), help="comma list of VGG, ResNet")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--max-train", type=int, default=None, help="use the first N images")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-
-    def floats(text, default):
-        return list(default) if text is None else [float(v) for v in text.split(",")]
+    floats = comma_floats
 
     if args.quick:
         args.max_train = args.max_train or 256

@@ -25,7 +25,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
-import argparse  # noqa: E402
 import csv  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -41,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import ekfac_optax as ek  # noqa: E402
-from benchmarks._common import machine_info  # noqa: E402
+from benchmarks._common import base_parser, machine_info  # noqa: E402
 from ekfac_optax import _eigenbasis, _factors  # noqa: E402
 
 
@@ -67,13 +66,11 @@ def median_ms(fn, args, reps):
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="width 32, 2 layers, 2 reps")
+    parser = base_parser(__doc__, quick="width 32, 2 layers, 2 reps", seed=False)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--out", default="benchmarks/results")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.quick:

@@ -15,7 +15,6 @@ Usage::
     python -m benchmarks.step_cost [--quick] [--out benchmarks/results]
 """
 
-import argparse
 import csv
 import dataclasses
 import importlib.metadata
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import optax
 
 import ekfac_optax as ek
-from benchmarks._common import import_kfac_jax, kfac_jax_optimizer, machine_info
+from benchmarks._common import base_parser, kfac_jax_optimizer, kfac_jax_status, machine_info
 
 DAMPING = 1e-3
 LEARNING_RATE = 1e-4  # small, so that thousands of timed steps stay finite
@@ -185,25 +184,15 @@ def optax_runner(problem: Problem, tx: optax.GradientTransformation, stats: bool
     )
 
 
-def kfac_jax_status() -> tuple[Any, str]:
-    """``(kfac_jax module, "")`` if kfac-jax imports and runs here, else ``(None, reason)``.
-
-    kfac-jax 0.0.8's tracer calls ``subfuns, params = primitive.get_bind_params(params)``; since
-    JAX 0.7 ``get_bind_params`` returns the params alone, so every step raises ``ValueError: too
-    many values to unpack``. We replace its one-function evaluator ``eval_jaxpr_eqn`` with the
-    equivalent of ``jax.core.eval_jaxpr``'s loop body (a compatibility shim with no effect on
-    what is computed or on its cost) and check on a tiny problem that a step runs.
-    """
-    try:
-        kfac_jax = import_kfac_jax()
-        problem = make_problem("probe", MLP(4, 1), (4, 3))
-        runner = kfac_jax_runner(kfac_jax, problem, 2)
-        carry = runner.run(runner.init(), 3)
-        if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(carry[0])):
-            return None, "a probe step returned non-finite parameters"
-        return kfac_jax, ""
-    except Exception as e:  # any failure means "unavailable", with its reason
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+def probe_kfac_jax(kfac_jax: Any) -> str:
+    """Why kfac-jax cannot be timed here ("" if 3 steps on a tiny problem give finite
+    parameters; ``import_kfac_jax`` in ``_common.py`` makes it run on this JAX)."""
+    problem = make_problem("probe", MLP(4, 1), (4, 3))
+    runner = kfac_jax_runner(kfac_jax, problem, 2)
+    carry = runner.run(runner.init(), 3)
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(carry[0])):
+        return "a probe step returned non-finite parameters"
+    return ""
 
 
 def kfac_jax_runner(kfac_jax: Any, problem: Problem, period: int) -> Runner:
@@ -810,9 +799,7 @@ def write_outputs(
 
 
 def main(argv: list[str] | None = None) -> dict[str, str | None]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one tiny MLP, few repetitions")
-    parser.add_argument("--out", default="benchmarks/results", help="output folder")
+    parser = base_parser(__doc__, quick="one tiny MLP, few repetitions", seed=False)
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 2)")
     args = parser.parse_args(argv)
     reps = args.reps or (2 if args.quick else 3)
@@ -825,7 +812,7 @@ def main(argv: list[str] | None = None) -> dict[str, str | None]:
         print(msg, flush=True)
 
     start = time.perf_counter()
-    kfac_jax, reason = kfac_jax_status()
+    kfac_jax, reason = kfac_jax_status(probe_kfac_jax)
     if kfac_jax is None:
         log(f"kfac-jax unavailable: {reason}")
     method_table = methods(kfac_jax)

@@ -62,7 +62,6 @@ writes ``transformer.csv``, ``transformer.png`` and ``transformer.md`` to ``--ou
 configuration per method.
 """
 
-import argparse
 import csv
 import math
 import os
@@ -82,15 +81,16 @@ import optax
 from flax import traverse_util
 
 import ekfac_optax as ek
-from benchmarks._common import machine_info
+from benchmarks._common import base_parser, comma_floats, machine_info
 from benchmarks._training import (
+    Compiled,
     Runner,
     best_by_method,
     config_string,
     final_loss,
     fmt_list,
+    kronecker_tx,
     median_ms_per_step,
-    pack,
     train_alternated,
 )
 
@@ -473,32 +473,19 @@ def hybrid_labels(params, kron_blocks: dict) -> Any:
 
 
 # --- Optimizers -----------------------------------------------------------------------------------
-def tail(lr, clip: bool) -> list:
-    return ([optax.clip_by_global_norm(1.0)] if clip else []) + [optax.scale_by_learning_rate(lr)]
-
-
-def kronecker_tx(method: str, blocks: dict, labels, lr, damping, clip: bool):
+def method_tx(method: str, blocks: dict, labels, lr, damping, clip: bool):
     """The transformation of a Kronecker method or the hybrid, for the given hyperparameters."""
-    common = dict(damping=damping, basis_update_every=BASIS_UPDATE_EVERY,
-                  factor_decay=FACTOR_DECAY)  # fmt: skip
-    if method == "KFAC":
-        return optax.chain(ek.scale_by_kfac(blocks=blocks, fallback="diagonal", **common),
-                           *tail(lr, clip))  # fmt: skip
-    if method in ("EKFAC", "EKFAC-ra"):
-        scaling = "running" if method == "EKFAC-ra" else "batch"
-        pre = ek.scale_by_ekfac(blocks=blocks, scaling=scaling, fallback="diagonal", **common)
-        return optax.chain(pre, *tail(lr, clip))
-    if method == "Hybrid":
-        kron = kronecker_only(blocks)
-        branch = optax.chain(
-            ek.scale_by_ekfac(blocks=kron, scaling="batch", fallback="identity", **common),
-            *tail(lr, clip),
-        )
-        return optax.multi_transform(
-            {"ekfac": without_masked_nodes(branch), "adam": optax.adam(HYBRID_ADAM_RATIO * lr)},
-            labels,
-        )
-    raise ValueError(method)
+    common = dict(factor_decay=FACTOR_DECAY, clip=clip)
+    if method != "Hybrid":
+        return kronecker_tx(method, blocks, lr, damping, BASIS_UPDATE_EVERY, **common)
+    branch = kronecker_tx(
+        "EKFAC", kronecker_only(blocks), lr, damping, BASIS_UPDATE_EVERY, fallback="identity",
+        **common,
+    )  # fmt: skip
+    return optax.multi_transform(
+        {"ekfac": without_masked_nodes(branch), "adam": optax.adam(HYBRID_ADAM_RATIO * lr)},
+        labels,
+    )
 
 
 def first_order_tx(method: str, lr):
@@ -507,13 +494,15 @@ def first_order_tx(method: str, lr):
     return optax.adam(lr)
 
 
-class Compiled:
-    """One jitted step per method and task: the hyperparameters are traced arguments."""
+class Steps(Compiled):
+    """The compiled steps of one task: ``hyper`` is ``(lr, damping)`` for the Kronecker methods
+    and the hybrid, ``(lr,)`` for the others."""
 
     def __init__(self, task: Task, args):
-        self.task, self.args, self.cache = task, args, {}
+        super().__init__()
+        self.task, self.args = task, args
         self.loss_fn = make_loss_fn(task)
-        self.evaluate = make_evaluate(task)
+        self.evaluate_variables = make_evaluate(task)
         self._blocks = None
 
     @property
@@ -528,21 +517,20 @@ class Compiled:
 
     def make_tx(self, method: str, *hyper):
         if method in KRONECKER:
-            return kronecker_tx(method, self.blocks, self.labels, *hyper, self.args.clip)
+            return method_tx(method, self.blocks, self.labels, *hyper, self.args.clip)
         return first_order_tx(method, *hyper)
 
-    def initial_opt_state(self, method: str):
-        key = ("init", method)
-        if key not in self.cache:
-            hyper = (1.0, 1.0) if method in KRONECKER else (1.0,)
-            tx = self.make_tx(method, *hyper)
-            self.cache[key] = jax.jit(tx.init)(self.task.variables["params"])
-        return self.cache[key]
+    def initial_variables(self, method: str) -> dict:
+        return self.task.variables
+
+    def evaluate(self, method: str, variables) -> tuple[float, ...]:
+        return self.evaluate_variables(variables)
 
     def step(self, method: str) -> Callable:
         """``step(variables, opt_state, batch, *hyper) -> (variables, opt_state, loss)``."""
-        if method in self.cache:
-            return self.cache[method]
+        return self.cached(method, lambda: self.build_step(method))
+
+    def build_step(self, method: str) -> Callable:
         batch_norm = has_batch_norm(self.task)
         if method in KRONECKER:
             layers = kronecker_only(self.blocks) if method == "Hybrid" else None
@@ -569,18 +557,13 @@ class Compiled:
                 new["batch_stats"] = batch_stats
             return new, opt_state, loss
 
-        self.cache[method] = step
         return step
 
 
-def make_runner(compiled: Compiled, method: str, lr: float, damping) -> Runner:
-    step = compiled.step(method)
-    hyper = (jnp.float32(lr),) if damping is None else (jnp.float32(lr), jnp.float32(damping))
-    return Runner(
-        init=lambda: (compiled.task.variables, compiled.initial_opt_state(method)),
-        step=lambda s, b: pack(step(s[0], s[1], b, *hyper)),
-        evaluate=lambda s: compiled.evaluate(s[0]),
-    )
+def make_runner(steps: Steps, method: str, lr: float, damping) -> Runner:
+    if damping is None:
+        return steps.runner(method, float(lr))
+    return steps.runner(method, float(lr), float(damping))
 
 
 def guarded(label: str, make: Callable[[], Runner], errors: dict) -> Runner:
@@ -647,13 +630,13 @@ def structure(task: Task) -> dict:
 
 
 def run_task(task: Task, args) -> tuple[list[dict], dict]:
-    compiled = Compiled(task, args)
+    steps = Steps(task, args)
     configs = [(m, lr, d) for m, pairs in grid(task.name, args).items() for lr, d in pairs]
     errors: dict[str, str] = {}
     labelled = []
     for m, lr, d in configs:
         label = f"{task.name} {m} lr={lr:.3g}" + ("" if d is None else f" damping={d:g}")
-        make = lambda m=m, lr=lr, d=d: make_runner(compiled, m, lr, d)  # noqa: E731
+        make = lambda m=m, lr=lr, d=d: make_runner(steps, m, lr, d)  # noqa: E731
         labelled.append((label, guarded(label, make, errors)))
     histories = train_alternated(labelled, task.train, task.epochs, task.batch, args.seed)
     runs = []
@@ -933,10 +916,7 @@ def summary(runs, tasks, contexts, structures, args, command, wall) -> str:
 
 # --- Entry point ----------------------------------------------------------------------------------
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="CI: tiny models, little data, 1 epoch, 1 config")  # fmt: skip
-    parser.add_argument("--out", default="benchmarks/results", help="output folder")
+    parser = base_parser(__doc__, quick="CI: tiny models, little data, 1 epoch, 1 config")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma list of lm, reverse, cnn")
     parser.add_argument("--methods", default=None,
                         help=f"comma list of {', '.join(METHODS)} (default all)")  # fmt: skip
@@ -946,13 +926,10 @@ def parse_args(argv):
     parser.add_argument("--adam-lrs", default=None, help="comma list (0.01,0.003,0.001)")
     parser.add_argument("--no-clip", dest="clip", action="store_false",
                         help="no clip_by_global_norm(1.0) in the Kronecker methods")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     def floats(text, default, quick):
-        if text is not None:
-            return [float(v) for v in text.split(",")]
-        return [quick] if args.quick else list(default)
+        return comma_floats(text, [quick] if args.quick else default)
 
     args.lrs = floats(args.lrs, DEFAULT_LRS, 0.1)
     args.dampings = floats(args.dampings, DEFAULT_DAMPINGS, 1e-2)

@@ -105,7 +105,7 @@ def test_hybrid_with_the_library_preconditions_only_kronecker_blocks():
     assert sorted(kron) == ["hidden", "out"] and "ln" in blocks
     labels = transformer.hybrid_labels(params, kron)
     lr = 0.1
-    tx = transformer.kronecker_tx("Hybrid", blocks, labels, lr, 1e-3, clip=True)
+    tx = transformer.method_tx("Hybrid", blocks, labels, lr, 1e-3, clip=True)
     state = tx.init(params)
     loss, grads, stats = ek.value_grad_and_stats(loss_fn, layers=kron)(params, x, y)
     assert sorted(stats) == ["hidden", "out"]
