@@ -208,10 +208,11 @@ def assert_trees_close(actual: Any, expected: Any, what: Any = "", rtol: float =
 
 
 def user_environment() -> dict[str, str]:
-    """The environment without the suite's settings (8 host devices, float64), for a subprocess
-    that runs as a user's would, with JAX's defaults."""
+    """The environment without the suite's settings (8 host devices, LLVM at -O0, float64; see
+    ``conftest.py``), for a subprocess that runs as a user's would, with JAX's defaults."""
     env = dict(os.environ)
-    flags = [f for f in env.pop("XLA_FLAGS", "").split() if "device_count" not in f]
+    suite = ("xla_force_host_platform_device_count", "xla_backend_optimization_level")
+    flags = [f for f in env.pop("XLA_FLAGS", "").split() if not any(s in f for s in suite)]
     if flags:
         env["XLA_FLAGS"] = " ".join(flags)
     env.pop("JAX_ENABLE_X64", None)
