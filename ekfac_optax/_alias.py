@@ -24,13 +24,15 @@ def ekfac(
     weight_sharing: _factors.WeightSharing = "expand",
     fallback: Fallback = "diagonal",
     mesh: Mesh | None = None,
+    max_factor_dim: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """EKFAC: :func:`scale_by_ekfac` then ``optax.scale_by_learning_rate``.
 
     Args:
       learning_rate: a float or an optax schedule.
       blocks, damping, basis_update_every, factor_decay, scaling, scaling_decay,
-      damping_mode, weight_sharing, fallback, mesh: see :func:`scale_by_ekfac`.
+      damping_mode, weight_sharing, fallback, mesh, max_factor_dim: see
+        :func:`scale_by_ekfac`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` to ``update``.
@@ -47,6 +49,7 @@ def ekfac(
             weight_sharing=weight_sharing,
             fallback=fallback,
             mesh=mesh,
+            max_factor_dim=max_factor_dim,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )
@@ -63,13 +66,14 @@ def kfac(
     weight_sharing: _factors.WeightSharing = "expand",
     fallback: Fallback = "diagonal",
     mesh: Mesh | None = None,
+    max_factor_dim: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """KFAC: :func:`scale_by_kfac` then ``optax.scale_by_learning_rate``.
 
     Args:
       learning_rate: a float or an optax schedule.
       blocks, damping, basis_update_every, factor_decay, damping_mode,
-      weight_sharing, fallback, mesh: see :func:`scale_by_kfac`.
+      weight_sharing, fallback, mesh, max_factor_dim: see :func:`scale_by_kfac`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` to ``update``.
@@ -84,6 +88,7 @@ def kfac(
             weight_sharing=weight_sharing,
             fallback=fallback,
             mesh=mesh,
+            max_factor_dim=max_factor_dim,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )

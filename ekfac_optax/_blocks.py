@@ -8,14 +8,20 @@ module paths): the leaves in no block (the fallback), the labels for
 """
 
 import dataclasses
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 BlockType = Literal["kronecker", "embed", "diagonal"]
+
+# A factor side above this many rows keeps only its diagonal: the default max_factor_dim (see
+# scale_by_ekfac for the measurements behind the value).
+MAX_FACTOR_DIM = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +46,9 @@ class BlockSpec:
         ``nn.vmap`` over layers) adds to the layer's parameters, e.g. ``(L,)`` for
         ``L`` scanned layers: each of them is its own block. ``params`` holds the
         lifted shapes.
+      max_factor_dim: the preconditioner's cap on a factor's side (``None``: no cap, the
+        value :func:`find_blocks` leaves; the preconditioner sets its own); a side above it
+        keeps only its diagonal (:attr:`diagonal_a`, :attr:`diagonal_b`).
     """
 
     path: str
@@ -53,11 +62,25 @@ class BlockSpec:
     dtype: Any
     layout: Any = None
     lifted: tuple[int, ...] = ()
+    max_factor_dim: int | None = None
 
     @property
     def d_in_aug(self) -> int:
         """Rows of the block matrix: fan-in plus one for a Kronecker block's bias."""
         return self.d_in + int(self.has_bias and self.block == "kronecker")
+
+    @property
+    def diagonal_a(self) -> bool:
+        """Whether the input factor ``A`` is kept as its diagonal (identity basis): always for
+        an embedding (one-hot inputs), for a Kronecker block above ``max_factor_dim``."""
+        if self.block == "embed":
+            return True
+        return self.max_factor_dim is not None and self.d_in_aug > self.max_factor_dim
+
+    @property
+    def diagonal_b(self) -> bool:
+        """Whether the output factor ``B`` is kept as its diagonal: above ``max_factor_dim``."""
+        return self.max_factor_dim is not None and self.d_out > self.max_factor_dim
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -85,12 +108,29 @@ class BlockSpec:
         if self.block == "diagonal":
             copies = f"{'x'.join(map(str, self.stack))} stacked " if self.stack else ""
             return f"{copies}diagonal block ({self.d_out} scalars) of {where} [{kind}]"
+        capped = self._capped_sides()
         if self.block == "embed":
-            return f"embedding block {self.d_in}x{self.d_out} (diagonal input factor) of {where}"
+            return (
+                f"embedding block {self.d_in}x{self.d_out} (diagonal input factor{capped}) "
+                f"of {where}"
+            )
         size = f"{self.d_in_aug}x{self.d_out}"
         if self.stack:
             size = f"{'x'.join(map(str, self.stack))} stacked {size}"
-        return f"kronecker block {size} of {where} [{kind}]"
+        capped = f" ({capped[2:]})" if capped else ""
+        return f"kronecker block {size} of {where} [{kind}]{capped}"
+
+    def _capped_sides(self) -> str:
+        """``", input/output factor diagonal: d > max_factor_dim=c"`` for the capped sides."""
+        sides = []
+        if self.block == "kronecker" and self.diagonal_a:
+            sides.append(("input", self.d_in_aug))
+        if self.block != "diagonal" and self.diagonal_b:
+            sides.append(("output", self.d_out))
+        return "".join(
+            f", {side} factor diagonal: {size} > max_factor_dim={self.max_factor_dim}"
+            for side, size in sides
+        )
 
 
 def vmapped(fn, axes: Sequence[int]):
@@ -218,7 +258,38 @@ def check_params(params: Any, blocks: Mapping[str, BlockSpec], where: str) -> No
                 )
 
 
-def summarize(params: Any, blocks: Mapping[str, BlockSpec], fallback: str = "diagonal") -> str:
+def with_cap(blocks: Mapping[str, BlockSpec], max_factor_dim: Any) -> dict[str, BlockSpec]:
+    """The blocks with the preconditioner's cap on factor sides (``None``: ``MAX_FACTOR_DIM``).
+
+    The cap sets the state's shapes, so it must be known when the transformation is built: a
+    Python or numpy integer, or a concrete integer array (``optax.inject_hyperparams`` makes
+    it one); a traced value raises a TypeError, anything else below 1 or not an integer a
+    ValueError naming ``max_factor_dim``.
+    """
+    if max_factor_dim is None:
+        max_factor_dim = MAX_FACTOR_DIM
+    if isinstance(max_factor_dim, jax.core.Tracer):
+        raise TypeError(
+            "max_factor_dim sets the optimizer state's shapes, so it cannot be traced; with "
+            "optax.inject_hyperparams, list it in static_args=('max_factor_dim',)"
+        )
+    value = max_factor_dim
+    if isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0:
+        value = value.item()  # inject_hyperparams' array, maybe of a float dtype
+        value = int(value) if isinstance(value, float) and value.is_integer() else value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"max_factor_dim must be an integer >= 1 or None, got {max_factor_dim!r}")
+    return {
+        path: dataclasses.replace(spec, max_factor_dim=int(value)) for path, spec in blocks.items()
+    }
+
+
+def summarize(
+    params: Any,
+    blocks: Mapping[str, BlockSpec],
+    fallback: str = "diagonal",
+    max_factor_dim: int | None = None,
+) -> str:
     """A readable table of how each parameter is preconditioned.
 
     Args:
@@ -226,6 +297,8 @@ def summarize(params: Any, blocks: Mapping[str, BlockSpec], fallback: str = "dia
         ``nnx.State``).
       blocks: the blocks given to the preconditioner (from ``ek.find_blocks``).
       fallback: the preconditioner's ``fallback`` argument.
+      max_factor_dim: the preconditioner's ``max_factor_dim`` (``None``: its default,
+        4096): a block's factor sides above it are shown as diagonal.
 
     Returns:
       A multi-line string: one row per parameter with its path, shape and
@@ -233,6 +306,7 @@ def summarize(params: Any, blocks: Mapping[str, BlockSpec], fallback: str = "dia
     """
     params = as_arrays(params)
     check_params(params, blocks, "summarize")
+    blocks = with_cap(blocks, max_factor_dim)
     how_else = {
         "diagonal": "diagonal fallback (running N g², in no block)",
         "identity": "identity (fallback='identity': not preconditioned)",

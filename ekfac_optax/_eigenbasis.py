@@ -144,18 +144,32 @@ def _eigh_spread(factors, fallbacks, mesh: Mesh) -> list[tuple[jax.Array, jax.Ar
     return out
 
 
-def to_eigenbasis(matrix: jax.Array, basis_a: jax.Array, basis_b: jax.Array) -> jax.Array:
-    """``U_Aᵀ M U_B`` for a ``(d_in_aug, d_out)`` matrix ``M``."""
-    return basis_a.T @ matrix @ basis_b
+def to_eigenbasis(matrix: jax.Array, basis_a: jax.Array | None, basis_b: jax.Array | None):
+    """``U_Aᵀ M U_B`` for a ``(d_in_aug, d_out)`` matrix ``M``; a ``None`` basis is the
+    identity (a side kept diagonal)."""
+    if basis_a is not None:
+        matrix = basis_a.T @ matrix
+    return matrix if basis_b is None else matrix @ basis_b
 
 
-def from_eigenbasis(matrix: jax.Array, basis_a: jax.Array, basis_b: jax.Array) -> jax.Array:
+def from_eigenbasis(matrix: jax.Array, basis_a: jax.Array | None, basis_b: jax.Array | None):
     """``U_A M U_Bᵀ``, the inverse of :func:`to_eigenbasis`."""
-    return basis_a @ matrix @ basis_b.T
+    if basis_a is not None:
+        matrix = basis_a @ matrix
+    return matrix if basis_b is None else matrix @ basis_b.T
 
 
-def inputs_to_eigenbasis(h: jax.Array, basis_a: jax.Array, has_bias: bool) -> jax.Array:
-    """``h_aug @ U_A`` for ``(..., d_in)`` inputs, without materialising ``h_aug = [h; 1]``."""
+def inputs_to_eigenbasis(h: jax.Array, basis_a: jax.Array | None, has_bias: bool) -> jax.Array:
+    """``h_aug @ U_A`` for ``(..., d_in)`` inputs, without materialising ``h_aug = [h; 1]``
+    (but for ``U_A = I``, ``basis_a=None``: then ``h_aug`` itself)."""
+    if basis_a is None:
+        ones = jnp.ones((*h.shape[:-1], 1), h.dtype)
+        return jnp.concatenate([h, ones], axis=-1) if has_bias else h
     d = h.shape[-1]
     projected = h @ basis_a[:d]
     return projected + basis_a[d] if has_bias else projected
+
+
+def outputs_to_eigenbasis(delta: jax.Array, basis_b: jax.Array | None) -> jax.Array:
+    """``delta @ U_B`` for ``(..., d_out)`` output gradients (``None``: ``U_B = I``)."""
+    return delta if basis_b is None else delta @ basis_b

@@ -22,23 +22,29 @@ def shared(h: jax.Array, delta: jax.Array, weight_sharing: WeightSharing):
     return jnp.mean(h, axis=-2, keepdims=True), jnp.sum(delta, axis=-2, keepdims=True)
 
 
-def factor_a(h: jax.Array, has_bias: bool) -> jax.Array:
+def factor_a(h: jax.Array, has_bias: bool, diagonal: bool = False) -> jax.Array:
     """``A = mean_{n,t} h_aug_{n,t} h_aug_{n,t}ᵀ`` from ``(N, T, d_in)`` inputs.
 
     With a bias, ``h_aug = [h; 1]`` and ``A = [[E[h hᵀ], E[h]], [E[h]ᵀ, 1]]``, assembled from
     ``hᵀh`` and the column sums, so that ``h_aug`` is never materialised (on CPU the concatenated
-    operand makes the matmul about 1.3x slower).
+    operand makes the matmul about 1.3x slower). With ``diagonal``, only ``diag(A)``, a
+    ``(d_in_aug,)`` vector (a side above the preconditioner's ``max_factor_dim``).
     """
-    second = factor_b(h)  # the same second moment, of the inputs
+    second = factor_b(h, diagonal)  # the same second moment, of the inputs
     if not has_bias:
         return second
+    if diagonal:
+        return jnp.concatenate([second, jnp.ones((1,), h.dtype)])
     mean = jnp.mean(h, axis=(0, 1))
     one = jnp.ones((1, 1), h.dtype)
     return jnp.block([[second, mean[:, None]], [mean[None, :], one]])
 
 
-def factor_b(delta: jax.Array) -> jax.Array:
-    """``B = mean_{n,t} delta_{n,t} delta_{n,t}ᵀ`` from ``(N, T, d_out)`` output gradients."""
+def factor_b(delta: jax.Array, diagonal: bool = False) -> jax.Array:
+    """``B = mean_{n,t} delta_{n,t} delta_{n,t}ᵀ`` from ``(N, T, d_out)`` output gradients;
+    with ``diagonal``, only ``diag(B) = mean_{n,t} delta_{n,t}²``, a ``(d_out,)`` vector."""
+    if diagonal:
+        return jnp.mean(delta * delta, axis=(0, 1))
     n, t, d = delta.shape
     flat = delta.reshape(n * t, d)
     return flat.T @ flat / (n * t)

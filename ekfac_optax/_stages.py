@@ -44,12 +44,15 @@ def new_factors(spec, block, h, delta, count, config: Config):
         return block
     if spec.block == "embed":
         new_a = _factors.token_frequencies(h, spec.d_in, spec.dtype)
-        new_b = _factors.factor_b(delta)
+        new_b = _factors.factor_b(delta, spec.diagonal_b)
     else:
 
         def one(h, delta):
             h, delta = _factors.shared(h, delta, config.weight_sharing)
-            return _factors.factor_a(h, spec.has_bias), _factors.factor_b(delta)
+            return (
+                _factors.factor_a(h, spec.has_bias, spec.diagonal_a),
+                _factors.factor_b(delta, spec.diagonal_b),
+            )
 
         new_a, new_b = _stacked(one, spec)(h, delta)
     return block._replace(
@@ -66,45 +69,38 @@ def _positions(spec, h, config: Config) -> int:
 
 
 def new_bases(specs, blocks, h, mesh, config: Config):
-    """Stage 2: the eigenbases of the factors; the scalings restart from KFAC's eigenvalues."""
-    kron = [p for p, s in specs.items() if s.block == "kronecker"]
-    embed = [p for p, s in specs.items() if s.block == "embed"]
-    factors = [f for p in kron for f in (blocks[p].factor_a, blocks[p].factor_b)]
-    factors += [blocks[p].factor_b for p in embed]
-    fallbacks = [
-        pair
-        for p in kron
-        for pair in (
-            (blocks[p].eigvals_a, blocks[p].basis_a),
-            (blocks[p].eigvals_b, blocks[p].basis_b),
-        )
+    """Stage 2: the eigenbases of the factors; the scalings restart from KFAC's eigenvalues.
+
+    A side kept diagonal (``spec.diagonal_a``/``diagonal_b``: an embedding's input side, a side
+    above ``max_factor_dim``) has the identity as its basis (``None``) and its diagonal as its
+    eigenvalues; every other factor is decomposed, all of them in one :func:`eigh_all`.
+    """
+    sides = [
+        (path, side)
+        for path, spec in specs.items()
+        if spec.block != "diagonal"
+        for side, diagonal in (("a", spec.diagonal_a), ("b", spec.diagonal_b))
+        if not diagonal
     ]
-    fallbacks += [(blocks[p].eigvals_b, blocks[p].basis_b) for p in embed]
-    decomposed = iter(_eigenbasis.eigh_all(factors, fallbacks, mesh))
+    decomposed = _eigenbasis.eigh_all(
+        [getattr(blocks[p], f"factor_{x}") for p, x in sides],
+        [(getattr(blocks[p], f"eigvals_{x}"), getattr(blocks[p], f"basis_{x}")) for p, x in sides],
+        mesh,
+    )
+    pairs = dict(zip(sides, decomposed, strict=True))
     out = dict(blocks)
-    for path in kron:
-        (eigvals_a, basis_a), (eigvals_b, basis_b) = next(decomposed), next(decomposed)
-        positions = _positions(specs[path], h[path], config)
-        kfac = _stacked(
-            functools.partial(_scalings.kfac_scalings, positions=positions), specs[path]
-        )
-        out[path] = blocks[path]._replace(
-            eigvals_a=eigvals_a,
-            basis_a=basis_a,
-            eigvals_b=eigvals_b,
-            basis_b=basis_b,
-            scalings=kfac(eigvals_a, eigvals_b),
-        )
-    for path in embed:
-        eigvals_b, basis_b = next(decomposed)
-        eigvals_a = blocks[path].factor_a
-        positions = _positions(specs[path], h[path], config)
-        out[path] = blocks[path]._replace(
-            eigvals_a=eigvals_a,
-            eigvals_b=eigvals_b,
-            basis_b=basis_b,
-            scalings=_scalings.kfac_scalings(eigvals_a, eigvals_b, positions),
-        )
+    for path, spec in specs.items():
+        if spec.block == "diagonal":
+            continue
+        block = blocks[path]
+        eigvals_a, basis_a = pairs.get((path, "a"), (block.factor_a, None))
+        eigvals_b, basis_b = pairs.get((path, "b"), (block.factor_b, None))
+        positions = _positions(spec, h[path], config)
+        kfac = functools.partial(_scalings.kfac_scalings, positions=positions)
+        new = dict(eigvals_a=eigvals_a, eigvals_b=eigvals_b, basis_b=basis_b)
+        if spec.block == "kronecker":
+            kfac, new["basis_a"] = _stacked(kfac, spec), basis_a
+        out[path] = block._replace(scalings=kfac(eigvals_a, eigvals_b), **new)
     return out
 
 
@@ -142,21 +138,24 @@ def precondition(spec, block, grad, h, delta, n, count, damping, config: Config)
         return update, block._replace(scalings=scalings)
     positions = _positions(spec, h, config)
     if spec.block == "embed":
-        grad_kfe = grad @ block.basis_b
+        grad_kfe = _eigenbasis.to_eigenbasis(grad, None, block.basis_b)
 
         def batch():
-            return _scalings.embedding_batch_scalings(h, delta @ block.basis_b, spec.d_in)
+            delta_kfe = _eigenbasis.outputs_to_eigenbasis(delta, block.basis_b)
+            return _scalings.embedding_batch_scalings(h, delta_kfe, spec.d_in)
 
         scalings = _kfe_scalings(block, grad_kfe, batch, n, positions, config)
         divided = _divide(grad_kfe, scalings, block, damping, positions, config)
-        return divided @ block.basis_b.T, block._replace(scalings=scalings)
+        update = _eigenbasis.from_eigenbasis(divided, None, block.basis_b)
+        return update, block._replace(scalings=scalings)
 
     def one(block, grad, h, delta):
         grad_kfe = _eigenbasis.to_eigenbasis(grad, block.basis_a, block.basis_b)
 
         def batch():
             h_kfe = _eigenbasis.inputs_to_eigenbasis(h, block.basis_a, spec.has_bias)
-            return _scalings.batch_scalings(h_kfe, delta @ block.basis_b)
+            delta_kfe = _eigenbasis.outputs_to_eigenbasis(delta, block.basis_b)
+            return _scalings.batch_scalings(h_kfe, delta_kfe)
 
         scalings = _kfe_scalings(block, grad_kfe, batch, n, positions, config)
         divided = _divide(grad_kfe, scalings, block, damping, positions, config)

@@ -69,6 +69,16 @@ def _expected_state_shape(spec: _blocks.BlockSpec) -> tuple[int, ...]:
     return (*spec.stack, spec.d_in_aug, spec.d_out)
 
 
+def _factor_shapes(spec: _blocks.BlockSpec, block: Any):
+    """``(side, state shape, expected shape)`` of a block's two factors."""
+    for side, d, diagonal in (
+        ("a", spec.d_in_aug, spec.diagonal_a),
+        ("b", spec.d_out, spec.diagonal_b),
+    ):
+        expected = (*spec.stack, d) if diagonal else (*spec.stack, d, d)
+        yield side, tuple(getattr(block, f"factor_{side}").shape), expected
+
+
 def check_update(
     updates: Any, state: Any, blocks: Mapping[str, _blocks.BlockSpec]
 ) -> dict[str, _blocks.BlockSpec]:
@@ -85,6 +95,17 @@ def check_update(
         for path, s in blocks.items()
         if state.blocks[path].scalings.shape != _expected_state_shape(s)
     }
+    # Same layer shapes, other factor shapes: a state built with another max_factor_dim.
+    wrong.update(
+        {
+            path: f"state factor_{side} {shape}, expected {expected} (max_factor_dim="
+            f"{s.max_factor_dim}: the state of an optimizer with another cap?)"
+            for path, s in blocks.items()
+            if s.block != "diagonal" and path not in wrong
+            for side, shape, expected in _factor_shapes(s, state.blocks[path])
+            if shape != expected
+        }
+    )
     if wrong:
         raise ValueError(
             f"scale_by_ekfac: the optimizer state does not match the layers' shapes: {wrong}"

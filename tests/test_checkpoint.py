@@ -128,3 +128,22 @@ def test_conv_model_checkpoint_round_trip(tmp_path):
 if __name__ == "__main__":  # the other process of test_same_seed_is_bit_identical_across_processes
     jax.config.update("jax_enable_x64", True)
     print(training_digest())
+
+
+def test_capped_state_round_trip(tmp_path):
+    """A state with capped factor sides (vectors, no basis) restores exactly, and a state of
+    another cap is refused naming the layer."""
+    loss_fn, params, blocks = float32_mlp()
+    batches = digits_batches(3)
+    tx = ek.ekfac(0.05, blocks=blocks, max_factor_dim=40, **KW)
+    _, state, _ = train(train_step(loss_fn, tx), params, tx.init(params), batches)
+    block = state[0].blocks["Dense_0"]  # 65 x 32: input side capped, output side kept
+    assert (
+        block.factor_a.shape == (65,) and block.basis_a is None and block.basis_b.shape == (32, 32)
+    )
+    ek.save_state(tmp_path / "capped", state)
+    assert_trees_equal(ek.restore_state(tmp_path / "capped", tx.init(params)), state)
+
+    uncapped = ek.ekfac(0.05, blocks=blocks, max_factor_dim=None, **KW).init(params)
+    with pytest.raises(ValueError, match=r"Dense_0.*factor_a float32\[65\] in checkpoint"):
+        ek.restore_state(tmp_path / "capped", uncapped)

@@ -78,6 +78,9 @@ def assert_same_training(got, want):
                 getattr(block, name), getattr(ref, name), rtol=RTOL, atol=ATOL, err_msg=path
             )
         for name in ("basis_a", "basis_b"):
+            if getattr(block, name) is None:  # a side above max_factor_dim: no basis
+                assert getattr(ref, name) is None, path
+                continue
             overlap = np.abs(np.asarray(getattr(block, name)).T @ np.asarray(getattr(ref, name)))
             np.testing.assert_allclose(overlap, np.eye(len(overlap)), atol=1e-8, err_msg=path)
     assert int(state[0].count) == int(ref_state[0].count) == 3
@@ -100,12 +103,11 @@ def fsdp(mesh):
     return put
 
 
-def make_tx(blocks, scaling, mesh=None):
+def make_tx(blocks, scaling, mesh=None, max_factor_dim=None):
+    kw = dict(blocks=blocks, damping=1e-2, basis_update_every=2, mesh=mesh)
     if scaling == "kfac":
-        return ek.kfac(0.1, blocks=blocks, damping=1e-2, basis_update_every=2, mesh=mesh)
-    return ek.ekfac(
-        0.1, blocks=blocks, damping=1e-2, basis_update_every=2, scaling=scaling, mesh=mesh
-    )
+        return ek.kfac(0.1, max_factor_dim=max_factor_dim, **kw)
+    return ek.ekfac(0.1, scaling=scaling, max_factor_dim=max_factor_dim, **kw)
 
 
 @pytest.mark.slow  # 12 compiled data-parallel runs (80 s); the mesh code: the test below
@@ -147,26 +149,32 @@ def eigh_batch_sizes(hlo: str) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("kind", ["mlp", pytest.param("cnn", marks=pytest.mark.slow)])
-def test_sharded_eigh_equals_replicated_and_is_spread(kind):
-    """``mesh=`` decomposes each factor on one device: same training, 1-matrix eigh per device."""
+@pytest.mark.parametrize(
+    "kind, cap",
+    [("mlp", None), ("mlp", 8), pytest.param("cnn", None, marks=pytest.mark.slow)],
+    ids=["mlp", "mlp_capped", "cnn"],
+)
+def test_sharded_eigh_equals_replicated_and_is_spread(kind, cap):
+    """``mesh=`` decomposes each factor on one device: same training, 1-matrix eigh per device.
+    With ``max_factor_dim=8`` (the MLP's 7x16, 17x8 and 9x4 blocks: one side capped in each)
+    only the sides below the cap are decomposed and communicated."""
     loss_fn, params, xs, ys = problem(kind)
     blocks = problem_blocks(kind)
     mesh = mesh8()
     replicate = lambda t: jax.device_put(t, NamedSharding(mesh, P()))  # noqa: E731
     batch = lambda t: jax.device_put(t, NamedSharding(mesh, P("data")))  # noqa: E731
-    want = train(make_tx(blocks, "batch"), loss_fn, params, xs, ys, replicate, batch)
-    got = train(make_tx(blocks, "batch", mesh), loss_fn, params, xs, ys, replicate, batch)
+    want = train(make_tx(blocks, "batch", None, cap), loss_fn, params, xs, ys, replicate, batch)
+    got = train(make_tx(blocks, "batch", mesh, cap), loss_fn, params, xs, ys, replicate, batch)
     assert_same_training(got, want)
     # Without a mesh every device decomposes every factor (batched by shape); with it, each
     # device decomposes at most ceil(k / 8) = 1 of each group of k <= 8 same-shaped factors.
-    n_factors = 2 * len(blocks)
-    assert sum(eigh_batch_sizes(want[2])) == n_factors
+    sizes = [d for s in blocks.values() for d in (s.d_in_aug, s.d_out) if cap is None or d <= cap]
+    assert len(sizes) == (2 * len(blocks) if cap is None else len(blocks))
+    assert sum(eigh_batch_sizes(want[2])) == len(sizes)
     spread = eigh_batch_sizes(got[2])
     assert spread and all(size == 1 for size in spread)
     # What is communicated for the basis: exactly the eigenvalues and eigenvectors of every
     # factor (float64), each group of same-sized factors padded to a multiple of 8 devices.
-    sizes = [d for s in blocks.values() for d in (s.d_in_aug, s.d_out)]
     want_bytes = sum(-(-sizes.count(d) // 8) * 8 * (d * d + d) * 8 for d in set(sizes))
     assert all_gather_bytes(got[2]) == want_bytes
     assert all_gather_bytes(want[2]) == 0

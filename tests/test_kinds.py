@@ -879,10 +879,15 @@ class AllKinds(nn.Module):
         return nn.DenseGeneral(3, batch_dims=(0,), name="stacked", **kw)(x).mean(axis=0)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-def test_dtype_smoke(dtype):
+@pytest.mark.parametrize(
+    "dtype, cap",
+    [(jnp.float32, None), (jnp.bfloat16, None), (jnp.float32, 3)],
+    ids=["float32", "bfloat16", "float32_capped"],
+)
+def test_dtype_smoke(dtype, cap):
     """One jitted step of each method on every new kind: finite updates of the params' dtype,
-    the step applied (not skipped as non-finite, which would return zeros)."""
+    the step applied (not skipped as non-finite, which would return zeros). With
+    ``max_factor_dim=3`` every kind's sides above 3 keep their diagonal (vectors in the state)."""
     model = AllKinds(dtype)
     rng = np.random.default_rng(70)
     ids = jnp.asarray(rng.integers(0, VOCAB, (8, 4)), jnp.int32)
@@ -892,7 +897,9 @@ def test_dtype_smoke(dtype):
     def loss_fn(params, ids, labels):
         return cross_entropy(model.apply({"params": params}, ids).astype(jnp.float32), labels)
 
-    blocks, updates, states, _, _ = first_step(loss_fn, params, ids, labels, damping=1e-2)
+    blocks, updates, states, _, _ = first_step(
+        loss_fn, params, ids, labels, damping=1e-2, max_factor_dim=cap
+    )
     kinds = {path: spec.kind for path, spec in blocks.items()}
     assert kinds == {
         "tokens": "embed",
@@ -904,6 +911,10 @@ def test_dtype_smoke(dtype):
     assert blocks["stacked"].stack == (8,) and blocks["grouped"].stack == (2,)
     for method in METHODS:
         assert int(states[method].skipped) == 0, method
+        for path, spec in blocks.items():
+            block = states[method].blocks[path]
+            if spec.block != "diagonal" and cap is not None:
+                assert block.factor_b.ndim == len(spec.stack) + (1 if spec.d_out > cap else 2)
         for path, leaf in jax.tree_util.tree_leaves_with_path(updates[method]):
             assert leaf.dtype == dtype, (method, path, leaf.dtype)
             assert np.all(np.isfinite(np.asarray(leaf, np.float32))), (method, path)

@@ -14,6 +14,8 @@ a biased average) changes an update by ``1e-2`` or more; the tests check that th
 are that far from the identity and from a fresh-basis update, so the comparisons are not vacuous.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import optax
@@ -278,3 +280,88 @@ def test_ekfac_batch_scalings_in_stale_basis(name):
         # The stale basis matters: a fresh basis (step 1's factors) gives another update.
         fresh = reference_update(layer, "ekfac", "tikhonov")
         assert ref.relative_error(fresh, expected) > 1e-4, path
+
+
+# --- max_factor_dim: a side above the cap keeps its diagonal --------------------------------------
+
+# Per problem, two caps: the first leaves some sides whole and caps others (input side only,
+# output side only), the second caps nearly every side, both sides of most layers.
+CAPS = {"mlp": (6, 2), "cnn": (16, 3), "shared": (8, 7), "sequence": (5, 2)}
+
+
+def capped(layer: ref.LayerReference, cap: int) -> ref.LayerReference:
+    """The layer with each factor above ``cap`` replaced by its diagonal: the reference then
+    builds ``U = I`` on that side (``eigh`` of a diagonal matrix) and ``S = diag(factor)``."""
+
+    def keep(factor):
+        return np.diag(np.diag(factor)) if len(factor) > cap else factor
+
+    return dataclasses.replace(layer, factor_a=keep(layer.factor_a), factor_b=keep(layer.factor_b))
+
+
+@pytest.mark.parametrize("name", sorted(ref.PROBLEMS))
+def test_capped_factors_match_dense_reference(name):
+    """``max_factor_dim``: first update, ``factor_decay=0``, every method and damping mode,
+    against the dense reference built from the same factors with each side above the cap
+    replaced by its diagonal (EKFAC: ``s*`` in the basis ``U_A ⊗ I``, ``I ⊗ U_B`` or ``I``;
+    KFAC: ``T diag(A) ⊗ B`` and the like). The state holds the diagonal as a vector and no
+    basis. Not vacuous: every capped layer's reference differs from the uncapped one."""
+    problem = ref.PROBLEMS[name]
+    blocks = problem_blocks(problem)
+    for cap in CAPS[name]:
+        txs = {
+            (method, mode): make_tx(
+                method,
+                blocks=blocks,
+                damping=DAMPING,
+                factor_decay=0.0,
+                damping_mode=mode,
+                max_factor_dim=cap,
+            )
+            for method, mode in MODES
+        }
+
+        @jax.jit
+        def updates(params, x, y, txs=txs):
+            _, grads, stats = ek.value_grad_and_stats(problem.loss_fn)(params, x, y)
+            return {
+                key: tx.update(grads, tx.init(params), params, stats=stats)
+                for key, tx in txs.items()
+            }
+
+        out = updates(problem.params, *problem.data)
+        sides = set()
+        for (method, mode), (update, state) in out.items():
+            for path, layer in problem.layers.items():
+                a, b = layer.factor_a.shape[0], layer.factor_b.shape[0]
+                block = state.blocks[path]
+                assert block.factor_a.ndim == (1 if a > cap else 2), (path, cap)
+                assert block.factor_b.ndim == (1 if b > cap else 2), (path, cap)
+                assert (block.basis_a is None) == (a > cap) and (block.basis_b is None) == (b > cap)
+                expected = reference_update(capped(layer, cap), method, mode)
+                actual = ref.block_matrix(update[path])
+                assert ref.relative_error(actual, expected) < RTOL, (path, cap, method, mode)
+                if a > cap or b > cap:
+                    sides.add((a > cap, b > cap))
+                    uncapped = reference_update(layer, method, mode)
+                    assert ref.relative_error(uncapped, expected) > 1e-3, (path, cap)
+        assert sides, (name, cap)  # the cap applies somewhere
+
+
+def test_max_factor_dim_must_be_a_positive_integer():
+    blocks = problem_blocks(ref.PROBLEMS["mlp"])
+    for bad in (0, -3, 2.5, "8", True):
+        with pytest.raises(ValueError, match="max_factor_dim must be an integer >= 1 or None"):
+            ek.scale_by_ekfac(blocks=blocks, max_factor_dim=bad)
+        with pytest.raises(ValueError, match="max_factor_dim"):
+            ek.kfac(0.1, blocks=blocks, max_factor_dim=bad)
+    # Through optax.inject_hyperparams: left out, it stays static (default None); given, it
+    # must be static, and a traced one names the way out.
+    injected = optax.inject_hyperparams(ek.ekfac)(0.1, blocks=blocks)
+    jax.jit(injected.init)(ref.PROBLEMS["mlp"].params)
+    traced = optax.inject_hyperparams(ek.ekfac)(0.1, blocks=blocks, max_factor_dim=4)
+    with pytest.raises(TypeError, match=r"static_args=\('max_factor_dim',\)"):
+        jax.jit(traced.init)(ref.PROBLEMS["mlp"].params)
+    static = optax.inject_hyperparams(ek.ekfac, static_args="max_factor_dim")
+    state = static(0.1, blocks=blocks, max_factor_dim=4).init(ref.PROBLEMS["mlp"].params)
+    assert state.inner_state[0].blocks["Dense_0"].basis_b is None  # 6 x 7: output side capped

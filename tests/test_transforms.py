@@ -299,6 +299,36 @@ def test_vmap_over_layers_equals_explicit_layers():
             assert_trees_close(out[step][0][method], stacked, (method, step))
 
 
+@pytest.mark.parametrize("cap", [6, 5], ids=["input_side", "both_sides"])
+def test_scan_with_capped_factors_equals_unrolled(cap):
+    """``max_factor_dim`` on a stacked block: the 3 scanned layers (``7 x 6`` blocks) with the
+    input side capped (``cap=6``), or both (``cap=5``), update as the 3 explicit layers with
+    the same cap, over 2 steps of every method (moving averages on the second); the stacked
+    state holds ``(3, 7)`` diagonals and no basis on a capped side."""
+    x, y = normal_batch(0, (9, 5), (9,))
+    batches = [(x, y), normal_batch(1, (9, 5), (9,))]
+    scanned, unrolled = ScannedNet(True, False), UnrolledNet(True, False)
+    params = init_params(scanned, x, dtype=jnp.float64)
+    _, scanned_out, states = run(classifier_loss(scanned), params, batches, max_factor_dim=cap)
+    _, unrolled_out, _ = run(
+        classifier_loss(unrolled), unroll(params, "stack", "layer_"), batches, max_factor_dim=cap
+    )
+    block = states["ekfac"].blocks["stack/dense"]
+    assert block.factor_a.shape == (LAYERS, WIDTH + 1) and block.basis_a is None
+    assert (block.basis_b is None) == (cap < WIDTH)
+    for step in range(2):
+        for method in METHODS:
+            expected = unrolled_out[step][0][method]
+            stacked = {
+                "stack": jax.tree.map(
+                    lambda *leaves: jnp.stack(leaves),
+                    *[expected[f"layer_{i}"] for i in range(LAYERS)],
+                ),
+                **{k: v for k, v in expected.items() if not k.startswith("layer_")},
+            }
+            assert_trees_close(scanned_out[step][0][method], stacked, (cap, method, step))
+
+
 # --- remat, checkpoint, jit: the same model ------------------------------------------------------
 
 
