@@ -5,9 +5,10 @@ Gradient Descent in a Kronecker-factored Eigenbasis. NeurIPS 2018.
 """
 
 from ekfac_optax._alias import ekfac, kfac
-from ekfac_optax._blocks import BlockSpec, block_labels, summarize
+from ekfac_optax._blocks import BlockSpec, block_labels
 from ekfac_optax._capture import LayerStats, find_blocks, value_grad_and_stats
 from ekfac_optax._checkpoint import restore_state, save_state
+from ekfac_optax._summary import ParameterRow, Summary, summarize, summary
 from ekfac_optax._transform import (
     BlockState,
     DiagonalState,
@@ -23,7 +24,9 @@ __all__ = [
     "DiagonalState",
     "EmbedState",
     "LayerStats",
+    "ParameterRow",
     "ScaleByEkfacState",
+    "Summary",
     "block_labels",
     "ekfac",
     "find_blocks",
@@ -33,5 +36,6 @@ __all__ = [
     "scale_by_ekfac",
     "scale_by_kfac",
     "summarize",
+    "summary",
     "value_grad_and_stats",
 ]

@@ -373,8 +373,9 @@ def token_batch(seed, tokens, labels):
 
 def summary_rows(params, blocks, **kwargs):
     summary = ek.summarize(params, blocks, **kwargs).splitlines()
-    assert summary[0].split() == ["parameter", "shape", "preconditioning"]
-    return {line.split()[0]: line for line in summary[1:]}
+    assert summary[0].split() == ["parameter", "shape", "params", "state", "preconditioning"]
+    assert summary[-1].startswith("total")
+    return {line.split()[0]: line for line in summary[1:-1]}
 
 
 def test_find_blocks_and_summarize_layernorm_and_embed():
@@ -434,6 +435,48 @@ def test_summarize_names_the_capped_factor_sides():
         in (rows["Embed_0/embedding"])
     )
     assert "factor diagonal" not in ek.summarize(params, blocks)  # the default cap, 4096
+
+
+def test_summary_gives_each_block_state_and_the_totals():
+    """``summary``'s bytes, counted by hand from the state's documented shapes (float64): the
+    Dense block 257 x 10 with its input side capped at 100, the embedding 17 x 4, the LayerNorm
+    diagonal block of 8 scalars; the totals; ``summarize`` prints them."""
+    params, _, _, _, blocks = token_setup()
+    info = ek.summary(params, blocks, max_factor_dim=100)
+    a, b, v, d = 257, 10, 17, 4
+    dense = a + a + b * b + b + b * b + a * b  # factor_a, eigvals_a (vectors), B, S_B, U_B, s
+    embed = v + v + d * d + d + d * d + v * d  # token frequencies (twice), B, S_B, U_B, s
+    expected = {"Dense_0/bias": dense, "Embed_0/embedding": embed, "LayerNorm_0/bias": 8}
+    state = {r.path: r.state_bytes for r in info.rows}
+    assert state == {
+        "Dense_0/bias": 8 * dense,
+        "Dense_0/kernel": 0,  # the block's state is on its first parameter
+        "Embed_0/embedding": 8 * embed,
+        "LayerNorm_0/bias": 8 * 8,
+        "LayerNorm_0/scale": 0,
+    }
+    assert info.state_bytes == 8 * sum(expected.values()) + 8  # + count and skipped (int32)
+    assert info.param_bytes == 8 * (a * b + v * d + 8)
+    assert sum(r.param_bytes for r in info.rows) == info.param_bytes
+    total = ek.summarize(params, blocks, max_factor_dim=100).splitlines()[-1]
+    assert total.split()[:3] == ["total", "21.2", "kB"], total
+
+
+def test_summary_of_a_32k_vocabulary_head_allocates_nothing():
+    """A width-64 model with a 32768-token head, summarized from abstract parameters
+    (``jax.eval_shape``): with the default cap the head's state is its 65 x 65 input factor
+    and vectors, 8.8 MB (the parameters: 8.5 MB); without a cap it would be the 8.6 GB of two
+    32768² matrices."""
+    model = nn.Sequential([nn.Dense(64), nn.Dense(32768)])
+    x, y = jnp.zeros((2, 16)), jnp.zeros((2,), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    loss_fn = classifier_loss(model)
+    blocks = ek.find_blocks(loss_fn, params, x, y)
+    a, b = 65, 32768
+    head = {r.path: r.state_bytes for r in ek.summary(params, blocks).rows}["layers_1/bias"]
+    assert head == 4 * (a * a + a + a * a + b + b + a * b)
+    uncapped = ek.summary(params, blocks, max_factor_dim=b).rows
+    assert {r.path: r.state_bytes for r in uncapped}["layers_1/bias"] > 8.5e9
 
 
 def test_both_sides_capped_is_the_per_example_diagonal():
