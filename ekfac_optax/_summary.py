@@ -130,12 +130,7 @@ def summarize(
     """A readable table of how each parameter is preconditioned and what its state costs.
 
     Args:
-      params: the parameter tree given to ``tx.init`` (or a Flax NNX model, or its
-        ``nnx.State``).
-      blocks: the blocks given to the preconditioner (from ``ek.find_blocks``).
-      fallback: the preconditioner's ``fallback`` argument.
-      max_factor_dim: the preconditioner's ``max_factor_dim`` (``None``: its default,
-        4096): a block's factor sides above it are shown as diagonal.
+      params, blocks, fallback, max_factor_dim: as for :func:`summary`.
 
     Returns:
       A multi-line string: one row per parameter with its path, shape, bytes, the bytes of
