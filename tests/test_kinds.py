@@ -862,15 +862,18 @@ def test_stock_transformer_runs():
 
 
 class AllKinds(nn.Module):
-    """Every new kind once in one model, computed in ``dtype``."""
+    """Every new kind once in one model, computed in ``dtype``, parameters in ``param_dtype``
+    (``None``: ``dtype``)."""
 
     dtype: Any
+    param_dtype: Any = None
 
     @nn.compact
     def __call__(self, ids):  # (N, L=4)
-        kw = dict(dtype=self.dtype, param_dtype=self.dtype)
+        param_dtype = self.param_dtype or self.dtype
+        kw = dict(dtype=self.dtype, param_dtype=param_dtype)
         x = nn.Embed(VOCAB, 8, name="tokens", **kw)(ids)  # (N, L, 8)
-        x = x + self.param("pos", nn.initializers.normal(0.1), (4, 8), self.dtype)  # fallback
+        x = x + self.param("pos", nn.initializers.normal(0.1), (4, 8), param_dtype)  # fallback
         x = nn.LayerNorm(name="layer_norm", **kw)(x)
         x = nn.Conv(8, (3,), feature_group_count=2, name="grouped", **kw)(x)
         x = nn.ConvTranspose(4, (3,), strides=2, name="conv_transpose", **kw)(jnp.tanh(x))
@@ -880,26 +883,35 @@ class AllKinds(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "dtype, cap",
-    [(jnp.float32, None), (jnp.bfloat16, None), (jnp.float32, 3)],
-    ids=["float32", "bfloat16", "float32_capped"],
+    "dtype, param_dtype, cap",
+    [
+        (jnp.float32, None, None),
+        (jnp.bfloat16, None, None),
+        (jnp.bfloat16, jnp.float32, None),
+        (jnp.float32, None, 3),
+    ],
+    ids=["float32", "bfloat16", "bfloat16_compute", "float32_capped"],
 )
-def test_dtype_smoke(dtype, cap):
+def test_dtype_smoke(dtype, param_dtype, cap):
     """One jitted step of each method on every new kind: finite updates of the params' dtype,
-    the step applied (not skipped as non-finite, which would return zeros). With
-    ``max_factor_dim=3`` every kind's sides above 3 keep their diagonal (vectors in the state)."""
-    model = AllKinds(dtype)
+    the step applied (not skipped as non-finite, which would return zeros), the curvature in
+    float32 (bfloat16 parameters, or float32 parameters with bfloat16 compute: bfloat16 ``h``
+    and ``delta``). With ``max_factor_dim=3`` every kind's sides above 3 keep their diagonal
+    (vectors in the state)."""
+    model = AllKinds(dtype, param_dtype)
+    param_dtype = param_dtype or dtype
     rng = np.random.default_rng(70)
     ids = jnp.asarray(rng.integers(0, VOCAB, (8, 4)), jnp.int32)
     labels = jnp.asarray(rng.integers(0, 3, (8,)), jnp.int32)
-    params = init_params(model, ids)  # in dtype
+    params = init_params(model, ids)  # in param_dtype
 
     def loss_fn(params, ids, labels):
         return cross_entropy(model.apply({"params": params}, ids).astype(jnp.float32), labels)
 
-    blocks, updates, states, _, _ = first_step(
+    blocks, updates, states, _, stats = first_step(
         loss_fn, params, ids, labels, damping=1e-2, max_factor_dim=cap
     )
+    assert stats["grouped"].h.dtype == dtype and stats["grouped"].delta.dtype == dtype
     kinds = {path: spec.kind for path, spec in blocks.items()}
     assert kinds == {
         "tokens": "embed",
@@ -911,11 +923,13 @@ def test_dtype_smoke(dtype, cap):
     assert blocks["stacked"].stack == (8,) and blocks["grouped"].stack == (2,)
     for method in METHODS:
         assert int(states[method].skipped) == 0, method
+        curvature = {leaf.dtype for leaf in jax.tree.leaves(states[method].blocks)}
+        assert curvature == {jnp.dtype(jnp.float32)}, (method, curvature)
         for path, spec in blocks.items():
             block = states[method].blocks[path]
             if spec.block != "diagonal" and cap is not None:
                 assert block.factor_b.ndim == len(spec.stack) + (1 if spec.d_out > cap else 2)
         for path, leaf in jax.tree_util.tree_leaves_with_path(updates[method]):
-            assert leaf.dtype == dtype, (method, path, leaf.dtype)
+            assert leaf.dtype == param_dtype, (method, path, leaf.dtype)
             assert np.all(np.isfinite(np.asarray(leaf, np.float32))), (method, path)
             assert np.any(np.asarray(leaf, np.float32) != 0), (method, path)
