@@ -5,7 +5,7 @@ Gradient Descent in a Kronecker-factored Eigenbasis. NeurIPS 2018.
 """
 
 from ekfac_optax._alias import ekfac, kfac
-from ekfac_optax._blocks import BlockSpec, block_labels
+from ekfac_optax._blocks import Blocks, BlockSpec, block_labels
 from ekfac_optax._capture import LayerStats, find_blocks, value_grad_and_stats
 from ekfac_optax._checkpoint import restore_state, save_state
 from ekfac_optax._summary import ParameterRow, Summary, summarize, summary
@@ -19,6 +19,7 @@ from ekfac_optax._transform import (
 )
 
 __all__ = [
+    "Blocks",
     "BlockSpec",
     "BlockState",
     "DiagonalState",

@@ -83,6 +83,12 @@ class BlockSpec:
         return self.max_factor_dim is not None and self.d_out > self.max_factor_dim
 
     @property
+    def tied(self) -> bool:
+        """Whether this is a tied embedding: an ``nn.Embed`` also called through ``attend``
+        (``layout`` then holds each call's role)."""
+        return self.block == "embed" and isinstance(self.layout, tuple)
+
+    @property
     def names(self) -> tuple[str, ...]:
         """The names of the block's parameters."""
         return tuple(name for name, _ in self.params)
@@ -109,6 +115,11 @@ class BlockSpec:
             copies = f"{'x'.join(map(str, self.stack))} stacked " if self.stack else ""
             return f"{copies}diagonal block ({self.d_out} scalars) of {where} [{kind}]"
         capped = self._capped_sides()
+        if self.tied:
+            return (
+                f"tied embedding block {self.d_in}x{self.d_out} (lookup and attend: diagonal "
+                f"vocabulary factor, width factor of both uses{capped}) of {where}"
+            )
         if self.block == "embed":
             return (
                 f"embedding block {self.d_in}x{self.d_out} (diagonal input factor{capped}) "
@@ -131,6 +142,21 @@ class BlockSpec:
             f", {side} factor diagonal: {size} > max_factor_dim={self.max_factor_dim}"
             for side, size in sides
         )
+
+
+class Blocks(dict):
+    """:func:`find_blocks`' result: a dict from module path to :class:`BlockSpec`, sorted by
+    path, that also says why each other layer it saw falls back.
+
+    Attributes:
+      reasons: ``{module path: why}`` for each layer of a kind of the table (or called like
+        one) that is no block: :func:`summarize` shows it on the layer's parameters. A dict
+        built from this one (a selection of its blocks) is a plain dict, without reasons.
+    """
+
+    def __init__(self, blocks: Mapping[str, BlockSpec] = (), reasons: Mapping[str, str] = ()):
+        super().__init__(blocks)
+        self.reasons = dict(reasons)
 
 
 def vmapped(fn, axes: Sequence[int]):

@@ -41,10 +41,16 @@ class LayerStats(NamedTuple):
       delta: ``(*stack, N, T, d_out)`` gradients of the per-example loss with
         respect to the layer outputs (``N`` times the gradient of the mean loss;
         normalisation layers: ``d_out`` is the number of features).
+      attend_h: a tied embedding's (an ``nn.Embed`` also called through ``attend``)
+        ``(N, S, d)`` inputs of its attend calls; ``None`` for every other block.
+      attend_delta: ``(N, S, vocab)`` gradients of the per-example loss with respect to the
+        attend calls' outputs (the logits); ``None`` for every other block.
     """
 
     h: jax.Array
     delta: jax.Array
+    attend_h: jax.Array | None = None
+    attend_delta: jax.Array | None = None
 
 
 _PROBES = "__ekfac_probes__"  # the variable of a captured layer that holds its probes
@@ -239,9 +245,12 @@ def _resolve(found: dict[str, dict[int, tuple]], params: Any):
         calls = [found[path][i] for i in sorted(found[path])]
         specs = [spec for spec, _, _ in calls]
         why = next((s for s in specs if isinstance(s, str)), None)
-        if why is None and len(set(specs)) > 1:
+        joined = None if why is not None else _kinds.tied(specs)
+        if isinstance(joined, str):
+            why = joined
+        elif why is None and joined is None and len(set(specs)) > 1:
             why = "called as different blocks: " + ", ".join(sorted({s.describe() for s in specs}))
-        spec = why if why is not None else _lift(specs[0], params)
+        spec = why if why is not None else _lift(joined or specs[0], params)
         if isinstance(spec, str):
             reasons[path] = spec
             continue
@@ -249,15 +258,15 @@ def _resolve(found: dict[str, dict[int, tuple]], params: Any):
         def lifted(shape, spec=spec):
             return jax.ShapeDtypeStruct(spec.lifted + shape.shape, shape.dtype)
 
-        def probe_h(h, spec=spec):
+        def probe_h(call_spec, h, spec=spec):
             # Differentiated, so float: token ids as float32 (exact below 2^24, never lifted),
             # other integer inputs (e.g. uint8 images) in the curvature dtype.
-            if spec.block == "embed":
+            if spec.block == "embed" and call_spec.layout != _kinds.ATTEND:
                 return jax.ShapeDtypeStruct(h.shape, jnp.float32)
             dtype = h.dtype if jnp.issubdtype(h.dtype, jnp.inexact) else spec.dtype
             return jax.ShapeDtypeStruct(spec.lifted + h.shape, dtype)
 
-        h = tuple(probe_h(h) for _, h, _ in calls)
+        h = tuple(probe_h(call_spec, h) for call_spec, h, _ in calls)
         blocks[path] = _Call(spec, h, tuple(lifted(out) for _, _, out in calls))
     return blocks, reasons
 
@@ -369,7 +378,7 @@ def split_loss(out, has_aux: bool):
 
 def stats_of(calls: dict[str, _Call], probe_grads) -> dict[str, LayerStats]:
     """The stats from the probes' gradients, ``probe_grads(path) -> (hs, deltas)`` per call."""
-    inputs, deltas = {}, {}
+    inputs, deltas, attends = {}, {}, {}
     for path, call in calls.items():
         spec = call.spec
         outputs = _blocks.vmapped(
@@ -377,13 +386,34 @@ def stats_of(calls: dict[str, _Call], probe_grads) -> dict[str, LayerStats]:
             spec.lifted,
         )
         hs, gs = probe_grads(path)
+        if spec.tied:  # the calls through attend apart from the lookups
+            attend = _kinds.BY_NAME["embed_attend"]
+            roles = spec.layout
+            pairs = [
+                (h, attend.outputs(spec, g))
+                for h, g, role in zip(hs, gs, roles, strict=True)
+                if role == _kinds.ATTEND
+            ]
+            attends[path] = pairs
+            hs = [h for h, role in zip(hs, roles, strict=True) if role == _kinds.LOOKUP]
+            gs = [g for g, role in zip(gs, roles, strict=True) if role == _kinds.LOOKUP]
         deltas[path] = [outputs(g) for g in gs]
         inputs[path] = [jnp.round(h).astype(jnp.int32) if spec.block == "embed" else h for h in hs]
     n = _batch_size(deltas)
+
+    def attend_stats(path):
+        if path not in attends:
+            return {}
+        hs, gs = zip(*attends[path], strict=True)
+        return dict(
+            attend_h=jnp.concatenate(hs, axis=-2), attend_delta=n * jnp.concatenate(gs, axis=-2)
+        )
+
     return {
         path: LayerStats(
             h=jnp.concatenate(inputs[path], axis=-1 if call.spec.block == "embed" else -2),
             delta=n * jnp.concatenate(deltas[path], axis=-2),
+            **attend_stats(path),
         )
         for path, call in calls.items()
     }
@@ -398,8 +428,8 @@ def find_blocks(loss_fn: Callable[..., Any], params: Any, *args, **kwargs):
     including grouped and depthwise, ``nn.ConvTranspose``, ``nn.Embed``, and the
     scale and shift of ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.BatchNorm``,
     ``nn.GroupNorm``, ``nn.InstanceNorm``) becomes a block. Every other
-    parameter (an unsupported module, a parameter used in two roles such as a
-    tied embedding, a ``self.param`` of a custom module) is left to the
+    parameter (an unsupported module, a parameter shared by two layers, a
+    ``self.param`` of a custom module) is left to the
     preconditioner's fallback; :func:`summarize` lists which. A layer inside ``nn.scan`` or
     ``nn.vmap`` over layers (parameters stacked on a leading axis ``L``) is ``L`` blocks, one
     :class:`BlockSpec` with ``lifted == (L,)``.
@@ -412,7 +442,9 @@ def find_blocks(loss_fn: Callable[..., Any], params: Any, *args, **kwargs):
 
     Returns:
       A dict from module path to :class:`BlockSpec`, sorted by path: the ``blocks``
-      argument of :func:`scale_by_ekfac`, :func:`scale_by_kfac` and their aliases.
+      argument of :func:`scale_by_ekfac`, :func:`scale_by_kfac` and their aliases. It is a
+      :class:`Blocks`, whose ``reasons`` say why each other layer of a kind of the table falls
+      back (shown by :func:`summarize`).
 
     Raises:
       ValueError: at trace time, for a supported layer called on an input that does
@@ -423,10 +455,10 @@ def find_blocks(loss_fn: Callable[..., Any], params: Any, *args, **kwargs):
     if _kinds.is_nnx(params):
         from ekfac_optax import _nnx  # builds on this module
 
-        calls = _nnx.abstract_pass(loss_fn, params, args, kwargs)[0]
+        calls, reasons = _nnx.abstract_pass(loss_fn, params, args, kwargs)
     else:
-        calls = _abstract_pass(loss_fn, params, args, kwargs)[0]
-    return {path: call.spec for path, call in calls.items()}
+        calls, reasons = _abstract_pass(loss_fn, params, args, kwargs)
+    return _blocks.Blocks({path: call.spec for path, call in calls.items()}, reasons)
 
 
 def _batch_size(calls: dict[str, list[jax.Array]]) -> int:

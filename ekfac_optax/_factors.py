@@ -57,6 +57,63 @@ def token_frequencies(ids: jax.Array, vocab: int, dtype) -> jax.Array:
     return counts / ids.size
 
 
+def _trace(factor: jax.Array) -> jax.Array:
+    """The trace of a factor kept as a matrix or as its diagonal."""
+    return jnp.sum(factor) if factor.ndim == 1 else jnp.trace(factor)
+
+
+def tied_factors(
+    ids: jax.Array,
+    delta: jax.Array,
+    attend_h: jax.Array,
+    attend_delta: jax.Array,
+    vocab: int,
+    diagonal_b: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """The factors of a tied embedding ``E`` (``vocab x d``), used as a lookup and as ``attend``.
+
+    Each use alone is a Kronecker block of the ``(vocab, d)`` matrix: the lookup
+    ``F_1 = T A_1 ⊗ B_1`` with ``A_1 = diag(token frequencies)`` and ``B_1 = E[δ δᵀ]`` over its
+    ``T`` positions; ``attend`` (``logits = x Eᵀ``: the vocabulary is its output side)
+    ``F_2 = S A_2 ⊗ B_2`` with ``A_2 = diag E[g²]`` of the logits' gradients ``g`` (a
+    vocabulary-sized side is never decomposed) and ``B_2 = E[x xᵀ]`` over its ``S`` positions.
+    The tied weight's Fisher is ``F_1 + F_2`` (cross terms dropped, as between the positions of
+    one layer), which is no Kronecker product, and the two width-side moments have different
+    units (output gradients, activations), so their plain sum would be dominated by one use.
+    Each side is instead the partial trace of ``F = F_1 + F_2`` over the other side:
+
+        ``A ∝ Tr_d F = T tr(B_1) A_1 + S tr(B_2) A_2``,
+        ``B ∝ Tr_vocab F = T tr(A_1) B_1 + S tr(A_2) B_2``,
+
+    each use's moment weighted by its positions and the size of its other side. ``B`` is the
+    width-side factor of ``E[G_nᵀ G_n]`` (Shampoo's right factor), whose eigenbasis EKFAC uses;
+    the scale is ``T A ⊗ B = Tr_d F ⊗ Tr_vocab F / tr F``, which equals ``F`` whenever it is one
+    Kronecker product (either use alone), so KFAC reduces to each use's own block.
+
+    Args:
+      ids: ``(N, T)`` token ids of the lookups.
+      delta: ``(N, T, d)`` the lookups' output gradients.
+      attend_h: ``(N, S, d)`` the attend calls' inputs.
+      attend_delta: ``(N, S, vocab)`` the attend calls' output gradients.
+      vocab: the vocabulary size.
+      diagonal_b: keep only the diagonal of ``B`` (a width above ``max_factor_dim``).
+
+    Returns:
+      ``(A, B)``: a ``(vocab,)`` vector and a ``(d, d)`` matrix (``(d,)`` with ``diagonal_b``)
+      with ``T · A ⊗ B = Tr_d F ⊗ Tr_vocab F / tr F``.
+    """
+    t, s = ids.shape[-1], attend_h.shape[-2]
+    a_1 = token_frequencies(ids, vocab, delta.dtype)
+    b_1 = factor_b(delta, diagonal_b)
+    a_2 = factor_b(attend_delta, diagonal=True)
+    b_2 = factor_b(attend_h, diagonal_b)
+    side_a = t * _trace(b_1) * a_1 + s * _trace(b_2) * a_2
+    side_b = t * _trace(a_1) * b_1 + s * _trace(a_2) * b_2
+    total = t * _trace(a_1) * _trace(b_1) + s * _trace(a_2) * _trace(b_2)
+    norm = jnp.sqrt(t * jnp.where(total > 0, total, 1))
+    return side_a / norm, side_b / norm
+
+
 def debiased_ema(average: jax.Array, new: jax.Array, decay, count: jax.Array) -> jax.Array:
     """Exponential moving average without zero-initialisation bias.
 

@@ -315,13 +315,45 @@ class _Embed(_Kind):
         return node[EMBEDDING]
 
 
-class _EmbedAttend(_Kind):
-    """``nn.Embed.attend`` (a tied output layer): its embedding then has two roles."""
+class _EmbedAttend(_Embed):
+    """``nn.Embed.attend`` (a tied output layer, ``logits = x Eᵀ``): ``h`` is the input ``x``,
+    ``(N, S, d)``, its output gradient ``(N, S, vocab)``. The call's spec has ``layout``
+    ``"attend"``; the calls of a path through ``__call__`` and ``attend`` make one tied
+    embedding block (:func:`tied`)."""
 
-    name, block, modules, method = "embed_attend", "embed", (nn.Embed, nnx.Embed), "attend"
+    name, method = "embed_attend", "attend"
 
     def spec(self, path, module, x):
-        return "nn.Embed used through attend (a tied output layer)"
+        _need_batch_axis(path, x, 2, "(batch, ..., features)")
+        params = params_of(module, (EMBEDDING,))
+        vocab, features = jnp.shape(params[EMBEDDING])
+        return _spec(path, "embed", self.block, params, d_in=vocab, d_out=features, layout=ATTEND)
+
+    def inputs(self, spec, module, args, kwargs):
+        x = first_input(args, kwargs)
+        return x.reshape(x.shape[0], -1, spec.d_out)
+
+    def outputs(self, spec, grad):
+        return grad.reshape(grad.shape[0], -1, spec.d_in)
+
+
+ATTEND = "attend"  # the layout of an attend call's spec
+LOOKUP = "lookup"
+
+
+def tied(specs: Sequence[BlockSpec]) -> BlockSpec | str | None:
+    """The block of an embedding's calls when some go through ``attend``: one embed block whose
+    ``layout`` is each call's role (:data:`LOOKUP` or :data:`ATTEND`), or the reason why there is
+    none; ``None`` when no call is an ``attend``."""
+    roles = tuple(ATTEND if s.layout == ATTEND else LOOKUP for s in specs)
+    if ATTEND not in roles:
+        return None
+    if LOOKUP not in roles:
+        return "nn.Embed used only through attend (no lookup call to tie it to)"
+    first = dataclasses.replace(specs[0], layout=None)
+    if any(dataclasses.replace(s, layout=None) != first for s in specs):
+        return "called as different blocks: " + ", ".join(sorted({s.describe() for s in specs}))
+    return dataclasses.replace(first, layout=roles)
 
 
 class _ScaleAndShift(_Kind):

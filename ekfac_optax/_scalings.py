@@ -4,7 +4,8 @@
   from the per-example gradients ``G_n = Σ_t h_aug_{n,t} delta_{n,t}ᵀ``.
 - ``running_scalings`` (EKFAC-ra): a moving average of ``N (U_Aᵀ g U_B)²``.
 - ``kfac_scalings`` (KFAC): ``T · S_A ⊗ S_B``, the eigenvalues of ``T · A ⊗ B``.
-- ``embedding_batch_scalings``: ``batch_scalings`` of an embedding (one-hot inputs, ``U_A = I``).
+- ``embedding_batch_scalings``: ``batch_scalings`` of an embedding (one-hot inputs, ``U_A = I``);
+  ``tied_embedding_batch_scalings``: of an embedding also used through ``attend``.
 - ``scale_and_shift_grads``: exact per-example gradients of a normalisation's scale and shift.
 - ``damped``: the denominator ``s + damping`` (Tikhonov) or the factored
   damping of Appendix C; ``divide`` applies it.
@@ -69,25 +70,37 @@ def _per_example_loop(h_kfe: jax.Array, delta_kfe: jax.Array, chunks: int) -> ja
     ``batch_scalings`` uses ``gcd(N, device_count)``), so that a batch sharded
     over the devices is looped over on each device, without gathering it.
     """
-    n = h_kfe.shape[0]
+    shape = (h_kfe.shape[-1], delta_kfe.shape[-1])
+    return _mean_square_loop(_outer_sum, shape, (h_kfe, delta_kfe), chunks)
 
-    def chunk_sum(h_chunk, delta_chunk):
+
+def _outer_sum(h: jax.Array, delta: jax.Array) -> jax.Array:
+    """``hᵀ delta`` of one example, contracting the leading axes in place: an explicit transpose
+    (``h.T @ ...``) makes it up to 3x slower on CPU."""
+    return jax.lax.dot_general(h, delta, (((0,), (0,)), ((), ())))
+
+
+def _mean_square_loop(per_example, shape, operands, chunks: int) -> jax.Array:
+    """``mean_n per_example(*operands[n])²`` (an array of ``shape``) as a ``lax.scan`` over the
+    examples of each of ``chunks`` chunks, ``vmap``-ed over the chunks (see
+    ``_per_example_loop``)."""
+    n = operands[0].shape[0]
+
+    def chunk_sum(*chunk):
         def add(total, example):
-            # h_nᵀ delta_n contracting the leading axes in place: an explicit
-            # transpose (``example[0].T @ ...``) makes it up to 3x slower on CPU.
-            grad = jax.lax.dot_general(*example, (((0,), (0,)), ((), ())))
+            grad = per_example(*example)
             return total + grad * grad, None
 
-        zeros = jnp.zeros((h_chunk.shape[-1], delta_chunk.shape[-1]), h_chunk.dtype)
-        return jax.lax.scan(add, zeros, (h_chunk, delta_chunk))[0]
+        zeros = jnp.zeros(shape, chunk[-1].dtype)
+        return jax.lax.scan(add, zeros, chunk)[0]
 
     if chunks == 1:  # a vmap over one chunk would make each product a slower batched one
-        return chunk_sum(h_kfe, delta_kfe) / n
+        return chunk_sum(*operands) / n
 
     def split(x):
         return x.reshape(chunks, n // chunks, *x.shape[1:])
 
-    return jnp.sum(jax.vmap(chunk_sum)(split(h_kfe), split(delta_kfe)), axis=0) / n
+    return jnp.sum(jax.vmap(chunk_sum)(*map(split, operands)), axis=0) / n
 
 
 def embedding_batch_scalings(ids: jax.Array, delta_kfe: jax.Array, vocab: int) -> jax.Array:
@@ -112,6 +125,37 @@ def embedding_batch_scalings(ids: jax.Array, delta_kfe: jax.Array, vocab: int) -
     sums = jax.ops.segment_sum(delta_kfe.reshape(n * t, -1), slot.ravel(), num_segments=n * t)
     token = jnp.where(unique >= 0, unique % vocab, vocab)  # fill slots land out of range
     return jax.ops.segment_sum(sums * sums, token, num_segments=vocab) / n
+
+
+def tied_embedding_batch_scalings(
+    ids: jax.Array, delta_kfe: jax.Array, attend_delta: jax.Array, attend_h_kfe: jax.Array
+) -> jax.Array:
+    """``s* = mean_n (G_n U_B)²`` of a tied embedding (lookup and ``attend``, ``U_A = I``).
+
+    The per-example gradient of the tied ``(vocab, d)`` weight in the eigenbasis is the
+    lookups' rows plus the attend calls' outer products:
+    ``G_n U_B = Σ_t e_{x_{n,t}} (delta_kfe[n, t])ᵀ + Σ_s g_{n,s} (attend_h_kfe[n, s])ᵀ``. It is
+    formed one example at a time (a loop, chunked over the devices), so memory is
+    ``O(vocab · d)`` beyond the inputs, never ``N · vocab · d``.
+
+    Args:
+      ids: ``(N, T)`` token ids of the lookups (ids outside ``[0, vocab)`` add nothing).
+      delta_kfe: ``(N, T, b)`` the lookups' output gradients in the eigenbasis.
+      attend_delta: ``(N, S, vocab)`` the attend calls' output gradients ``g``.
+      attend_h_kfe: ``(N, S, b)`` the attend calls' inputs in the eigenbasis, ``x @ U_B``.
+
+    Returns:
+      ``(vocab, b)`` second moments of the per-example gradients in the KFE.
+    """
+    vocab = attend_delta.shape[-1]
+    ids = jnp.where(ids >= 0, ids, vocab)  # out of range: dropped below, as by the lookup's count
+
+    def per_example(ids, delta, g, x):
+        return _outer_sum(g, x).at[ids].add(delta, mode="drop")
+
+    chunks = math.gcd(ids.shape[0], jax.device_count())
+    operands = (ids, delta_kfe, attend_delta, attend_h_kfe)
+    return _mean_square_loop(per_example, (vocab, delta_kfe.shape[-1]), operands, chunks)
 
 
 def scale_and_shift_grads(h: jax.Array, delta: jax.Array, names: tuple[str, ...]) -> jax.Array:

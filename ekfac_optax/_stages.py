@@ -38,11 +38,14 @@ class Config(NamedTuple):
     weight_sharing: _factors.WeightSharing
 
 
-def new_factors(spec, block, h, delta, count, config: Config):
-    """Stage 1: the moving averages of the factors, with this batch's ``h`` and ``delta``."""
+def new_factors(spec, block, h, delta, count, config: Config, attend=None):
+    """Stage 1: the moving averages of the factors, with this batch's ``h`` and ``delta``
+    (and, for a tied embedding, ``attend``: its attend calls' ``(h, delta)``)."""
     if spec.block == "diagonal":
         return block
-    if spec.block == "embed":
+    if spec.tied:
+        new_a, new_b = _factors.tied_factors(h, delta, *attend, spec.d_in, spec.diagonal_b)
+    elif spec.block == "embed":
         new_a = _factors.token_frequencies(h, spec.d_in, spec.dtype)
         new_b = _factors.factor_b(delta, spec.diagonal_b)
     else:
@@ -120,8 +123,9 @@ def _divide(grad_kfe, scalings, block, damping, positions, config: Config):
     return _scalings.divide(grad_kfe, denominator, damping)
 
 
-def precondition(spec, block, grad, h, delta, n, count, damping, config: Config):
-    """Stage 3: one block's update in the parameter basis, and its new state."""
+def precondition(spec, block, grad, h, delta, n, count, damping, config: Config, attend=None):
+    """Stage 3: one block's update in the parameter basis, and its new state (``attend``: a
+    tied embedding's attend calls' ``(h, delta)``)."""
     if spec.block == "diagonal":
 
         def one_diagonal(scalings, grad, h, delta):
@@ -142,6 +146,12 @@ def precondition(spec, block, grad, h, delta, n, count, damping, config: Config)
 
         def batch():
             delta_kfe = _eigenbasis.outputs_to_eigenbasis(delta, block.basis_b)
+            if spec.tied:
+                attend_h, attend_delta = attend
+                attend_kfe = _eigenbasis.outputs_to_eigenbasis(attend_h, block.basis_b)
+                return _scalings.tied_embedding_batch_scalings(
+                    h, delta_kfe, attend_delta, attend_kfe
+                )
             return _scalings.embedding_batch_scalings(h, delta_kfe, spec.d_in)
 
         scalings = _kfe_scalings(block, grad_kfe, batch, n, positions, config)

@@ -94,9 +94,10 @@ def summary(
     tx = _transform.scale_by_ekfac(blocks=blocks, fallback=fallback, max_factor_dim=max_factor_dim)
     state = jax.eval_shape(tx.init, params)
     how_else = {
-        "diagonal": "diagonal fallback (running N g², in no block)",
-        "identity": "identity (fallback='identity': not preconditioned)",
+        "diagonal": "diagonal fallback (running N g², {})",
+        "identity": "identity (fallback='identity': not preconditioned, {})",
     }[fallback]
+    reasons = getattr(blocks, "reasons", {})
     rows, seen = [], set()
     for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
         layer, name = _blocks.leaf_location(key_path)
@@ -107,7 +108,8 @@ def summary(
             state_bytes = 0 if layer in seen else _bytes(state.blocks[layer])
             seen.add(layer)
         else:
-            how, state_bytes = how_else, _bytes(state.fallback.get(path))
+            why = f"no block: {reasons[layer]}" if layer in reasons else "in no block"
+            how, state_bytes = how_else.format(why), _bytes(state.fallback.get(path))
         shape = tuple(jnp.shape(leaf))
         rows.append(ParameterRow(path, shape, how, _bytes(leaf), state_bytes))
     return Summary(tuple(rows), _bytes(params), _bytes(state))

@@ -200,11 +200,16 @@ def _scale_by_kfe(
             for p, s in specs.items()
         }
         delta = {p: stats[p].delta.astype(s.dtype) for p, s in specs.items()}
+        attend = {  # the attend calls of tied embeddings
+            p: (stats[p].attend_h.astype(s.dtype), stats[p].attend_delta.astype(s.dtype))
+            for p, s in specs.items()
+            if s.tied
+        }
         grads = {p: _kinds.to_matrix(_blocks.subtree(updates, p), s) for p, s in specs.items()}
 
         def with_factors(blocks):
             return {
-                p: _stages.new_factors(s, blocks[p], h[p], delta[p], count, config)
+                p: _stages.new_factors(s, blocks[p], h[p], delta[p], count, config, attend.get(p))
                 for p, s in specs.items()
             }
 
@@ -236,6 +241,7 @@ def _scale_by_kfe(
                 count,
                 damping_now,
                 config,
+                attend.get(path),
             )
             new_layers[path] = _kinds.from_matrix(update, _blocks.subtree(updates, path), spec)
         new_updates = _blocks.replace_blocks(updates, new_layers)
@@ -248,7 +254,7 @@ def _scale_by_kfe(
             new_updates = _replace_leaves(new_updates, fallback_updates)
 
         # A step with a non-finite input or result changes nothing but `skipped`.
-        finite = _all_finite((updates, h, delta, new_updates, new_blocks, new_fallback))
+        finite = _all_finite((updates, h, delta, attend, new_updates, new_blocks, new_fallback))
         applied = ScaleByEkfacState(
             count=optax.safe_increment(count),
             skipped=state.skipped,

@@ -182,8 +182,30 @@ def check_stats(stats: Any, specs: Mapping[str, _blocks.BlockSpec]) -> None:
                 f"stats[{path!r}].h: expected shape {h_expected} for {spec.describe()} and "
                 f"delta of shape {delta_shape}, got {h_shape}"
             )
+        _check_attend(path, spec, layer, n)
         if batch is not None and n != batch[1]:
             raise ValueError(
                 f"stats: batch sizes differ: {batch[0]!r} has {batch[1]}, {path!r} has {n}"
             )
         batch = (path, n)
+
+
+def _check_attend(path: str, spec: _blocks.BlockSpec, layer: LayerStats, n) -> None:
+    """A tied embedding's stats carry its attend calls' ``(N, S, d)`` inputs and ``(N, S,
+    vocab)`` output gradients; no other block's do."""
+    given = (layer.attend_h, layer.attend_delta)
+    if not spec.tied:
+        if any(x is not None for x in given):
+            raise ValueError(
+                f"stats[{path!r}] has attend_h/attend_delta, but {spec.describe()} is no tied "
+                "embedding"
+            )
+        return
+    shapes = [None if x is None else tuple(jnp.shape(x)) for x in given]
+    s = shapes[0][1] if shapes[0] is not None and len(shapes[0]) == 3 else "S"
+    expected = [(n, s, spec.d_out), (n, s, spec.d_in)]
+    if shapes != expected:
+        raise ValueError(
+            f"stats[{path!r}]: {spec.describe()} expects attend_h of shape {expected[0]} and "
+            f"attend_delta of shape {expected[1]}, got {shapes[0]} and {shapes[1]}"
+        )

@@ -22,8 +22,7 @@ the test is about averages): EKFAC (``scale_by_ekfac(scaling="batch")``), EKFAC-
 
 Perturbed references were checked to fail (by hand, not kept as tests): groups sliced
 interleaved (``kernel[..., g::G]``) instead of contiguously -> error 1.1; the fallback's EMA
-without debiasing -> 0.57; the tied embedding's ``g / (n g² + ε)`` with ``n = 4`` instead of
-``N = 5`` -> 0.14; EKFAC-ra's norm reference with decay 0.5 instead of 0.7 -> 0.098; the
+without debiasing -> 0.57; EKFAC-ra's norm reference with decay 0.5 instead of 0.7 -> 0.098; the
 ConvTranspose ``transpose_kernel=True`` kernel swapped but not flipped -> the hand forward pass
 is off by 0.04 (1-D) and 0.01 (2-D).
 """
@@ -368,26 +367,145 @@ class TiedNet(nn.Module):
         return self.tokens.attend(jnp.tanh(self.mix(self.tokens(ids))))
 
 
-def test_tied_embed_gets_the_diagonal_fallback():
-    """A tied embedding (``__call__`` and ``attend``) is in no block: its first update in every
-    method is ``g / (N g² + ε)`` (the debiased EMA of ``N g²`` after one step), and ``summarize``
-    says it is the diagonal fallback."""
+def tied_reference(params, ids, labels):
+    """``(per-example gradients G_n of the tied embedding, T A ⊗ B)`` of ``TiedNet`` computed
+    from first principles: ``G_n`` by ``jax.vmap(jax.grad(...))`` of the model (both uses of the
+    weight summed by autodiff); the lookup's output gradients ``delta``, the attend calls' inputs
+    ``x`` and logit gradients ``g`` from a hand-written forward pass with zero probes; the dense
+    Fisher of the two Kronecker blocks ``F = T diag(counts / N T) ⊗ E[δδᵀ] + S diag E[g²] ⊗
+    E[x xᵀ]`` built with ``np.kron``, and its partial traces over either side, so that
+    ``T A ⊗ B = Tr_width F ⊗ Tr_vocab F / tr F`` (the factors' documented definition)."""
+    n, t = ids.shape
+    embedding = params["tokens"]["embedding"]
+    kernel, bias = params["mix"]["kernel"], params["mix"]["bias"]
+
+    def loss(probe_lookup, probe_logits):
+        e = embedding[ids] + probe_lookup
+        x = jnp.tanh(e @ kernel + bias)
+        return cross_entropy(x @ embedding.T + probe_logits, labels), x
+
+    zeros = (jnp.zeros((n, t, WIDTH), F64), jnp.zeros((n, t, VOCAB), F64))
+    (delta, g), x = jax.grad(loss, argnums=(0, 1), has_aux=True)(*zeros)
+    delta, g, x = (np.asarray(a).reshape(n * t, -1) for a in (n * delta, n * g, x))
+    counts = np.bincount(np.asarray(ids).ravel(), minlength=VOCAB) / (n * t)
+    fisher = t * np.kron(np.diag(counts), delta.T @ delta / (n * t))
+    fisher += t * np.kron(np.diag((g**2).mean(axis=0)), x.T @ x / (n * t))
+    blocks = fisher.reshape(VOCAB, WIDTH, VOCAB, WIDTH)
+    vocab_side = np.einsum("iaja->ij", blocks)  # Tr_width F
+    width_side = np.einsum("iaib->ab", blocks)  # Tr_vocab F
+    per_example = ref.per_example_grads(classifier_loss(TiedNet()), params, ids, labels)
+    product = np.kron(vocab_side, width_side) / np.trace(fisher)
+    return np.asarray(per_example["tokens"]["embedding"]), vocab_side, width_side, product
+
+
+def test_tied_embed_is_one_block_against_per_example_gradients():
+    """A tied embedding (``__call__`` and ``attend``) is one block: diagonal vocabulary factor,
+    width factor of both uses. Its first updates in every method equal the dense float64
+    references of ``kronecker_updates`` (``s*`` from the tied per-example gradients, KFAC from
+    ``T A ⊗ B``) for the factors of ``tied_reference``; the state holds a ``(vocab,)`` vector
+    and a ``(width, width)`` matrix whose Kronecker product is the reference's. The updates are
+    far (``> 1e-2``) from the diagonal fallback the weight got before, and from the block of the
+    lookup alone, so the comparison is not vacuous."""
     rng = np.random.default_rng(7)
     ids = jnp.asarray(rng.integers(0, VOCAB, (5, 3)))
     labels = jnp.asarray(rng.integers(0, VOCAB, (5, 3)))
     params = init_params(TiedNet(), ids)
     loss_fn = classifier_loss(TiedNet())
-    blocks, updates, _, _, _ = first_step(loss_fn, params, ids, labels)
-    assert "mix" in blocks and blocks["mix"].block == "kronecker"
-    assert blocks.get("tokens") is None or blocks["tokens"].block != "embed"
+    blocks, updates, states, grads, _ = first_step(loss_fn, params, ids, labels)
+    spec = blocks["tokens"]
+    assert (spec.block, spec.tied, spec.d_in, spec.d_out) == ("embed", True, VOCAB, WIDTH)
+    assert blocks["mix"].block == "kronecker"
 
-    g = np.asarray(jax.jit(jax.grad(loss_fn))(params, ids, labels)["tokens"]["embedding"])
-    expected = g / (5 * g**2 + DAMPING)  # N = 5
-    assert ref.relative_error(g, expected) > 1e-2
+    per_example, vocab_side, width_side, product = tied_reference(params, ids, labels)
+    g = np.asarray(grads["tokens"]["embedding"])
+    np.testing.assert_allclose(per_example.mean(axis=0), g, rtol=1e-12)
+    assert np.allclose(vocab_side, np.diag(np.diag(vocab_side)))  # diagonal by construction
+    # T A ⊗ B with any split of the scale between the factors: A = Tr_width F / (T tr F).
+    t = ids.shape[1]
+    factor_a = vocab_side / (t * np.trace(width_side))
+    expected = kr.kronecker_updates(per_example, factor_a, width_side, t, DAMPING, SCALING_DECAY)
+    fallback = g / (5 * g**2 + DAMPING)  # N = 5
     for method in METHODS:
-        assert_close(updates[method]["tokens"]["embedding"], expected, method)
+        block = states[method].blocks["tokens"]
+        assert block.factor_a.shape == (VOCAB,) and block.factor_b.shape == (WIDTH, WIDTH)
+        state_product = t * np.kron(np.diag(block.factor_a), block.factor_b)
+        assert_close(state_product, product, (method, "T A ⊗ B"))
+        actual = updates[method]["tokens"]["embedding"]
+        assert_close(actual, expected[method], method)
+        assert ref.relative_error(np.asarray(actual), fallback) > 1e-2, method
     row = summary_rows(params, blocks)["tokens/embedding"]
-    assert "diagonal fallback" in row, row
+    assert "tied embedding block 6x3" in row, row
+
+
+class AttendOnlyNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Embed(VOCAB, WIDTH, param_dtype=F64, name="tokens").attend(x)
+
+
+def test_tied_embed_bad_stats_and_attend_only():
+    """Stats of a tied embedding without its attend calls' arrays, or with mismatched shapes:
+    a ValueError naming the layer and the expected shapes, before any state changes. An
+    ``nn.Embed`` used only through ``attend`` is no block, and ``summarize`` says why."""
+    rng = np.random.default_rng(7)
+    ids = jnp.asarray(rng.integers(0, VOCAB, (5, 3)))
+    labels = jnp.asarray(rng.integers(0, VOCAB, (5, 3)))
+    params = init_params(TiedNet(), ids)
+    loss_fn = classifier_loss(TiedNet())
+    blocks = ek.find_blocks(loss_fn, params, ids, labels)
+    _, grads, stats = ek.value_grad_and_stats(loss_fn)(params, ids, labels)
+    tx = ek.scale_by_ekfac(blocks=blocks)
+    state = tx.init(params)
+    tokens = stats["tokens"]
+    for bad in (
+        tokens._replace(attend_h=None),
+        tokens._replace(attend_delta=tokens.attend_delta[:, :, :-1]),
+    ):
+        with pytest.raises(ValueError, match="tokens.*attend_h of shape"):
+            tx.update(grads, state, params, stats={**stats, "tokens": bad})
+    with pytest.raises(ValueError, match="mix.*no tied embedding"):
+        tx.update(
+            grads,
+            state,
+            params,
+            stats={
+                **stats,
+                "mix": stats["mix"]._replace(
+                    attend_h=tokens.attend_h, attend_delta=tokens.attend_delta
+                ),
+            },
+        )
+
+    x = jnp.asarray(rng.normal(size=(5, 3, WIDTH)))
+    params = init_params(AttendOnlyNet(), x)
+    blocks = ek.find_blocks(classifier_loss(AttendOnlyNet()), params, x, labels)
+    assert "tokens" not in blocks
+    row = summary_rows(params, blocks)["tokens/embedding"]
+    assert "only through attend" in row, row
+
+
+def test_tied_embed_factors_reduce_to_each_use():
+    """The tied factors' ``T A ⊗ B`` is exactly each use's own Kronecker block when the other use
+    contributes nothing: the lookup's ``T diag(counts) ⊗ E[δδᵀ]`` with zero logit gradients, the
+    attend's ``S diag E[g²] ⊗ E[x xᵀ]`` with zero lookup gradients (float64, round-off only)."""
+    from ekfac_optax import _factors
+
+    rng = np.random.default_rng(3)
+    n, t, s = 4, 3, 2
+    ids = jnp.asarray(rng.integers(0, VOCAB, (n, t)))
+    delta = rng.normal(size=(n, t, WIDTH))
+    x, g = rng.normal(size=(n, s, WIDTH)), rng.normal(size=(n, s, VOCAB))
+    counts = np.bincount(np.asarray(ids).ravel(), minlength=VOCAB) / (n * t)
+    flat = delta.reshape(-1, WIDTH)
+    lookup = t * np.kron(np.diag(counts), flat.T @ flat / (n * t))
+    flat_x = x.reshape(-1, WIDTH)
+    attend = s * np.kron(np.diag((g.reshape(-1, VOCAB) ** 2).mean(0)), flat_x.T @ flat_x / (n * s))
+    for args, expected in (
+        ((delta, x, np.zeros_like(g)), lookup),
+        ((np.zeros_like(delta), x, g), attend),
+    ):
+        a, b = _factors.tied_factors(ids, *map(jnp.asarray, args), VOCAB)
+        assert_close(t * np.kron(np.diag(a), b), expected, "reduces")
 
 
 def test_embed_on_floats_raises_naming_the_layer():

@@ -125,6 +125,24 @@ class NnxTransformerBlock(nnx.Module):
         return self.head(x)
 
 
+class LinenTied(nn.Module):
+    """A tied embedding: ``Embed`` as the input layer and, through ``attend``, the output one."""
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(VOCAB, WIDTH, name="embed")
+        return embed.attend(jnp.tanh(nn.Dense(WIDTH, name="mix")(embed(ids))))
+
+
+class NnxTied(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(VOCAB, WIDTH, rngs=rngs, **F64)
+        self.mix = nnx.Linear(WIDTH, WIDTH, rngs=rngs, **F64)
+
+    def __call__(self, ids):
+        return self.embed.attend(jnp.tanh(self.mix(self.embed(ids))))
+
+
 def twins(name: str):
     """``(linen model, nnx model with the linen weights, linen params, batch)``."""
     rng = np.random.default_rng(5)
@@ -135,6 +153,8 @@ def twins(name: str):
         batch = normal_batch(1, (24, 5, 5, 1), (24,))
     else:
         linen, model = LinenTransformerBlock(), NnxTransformerBlock(nnx.Rngs(0))
+        if name == "tied":
+            linen, model = LinenTied(), NnxTied(nnx.Rngs(0))
         ids = jnp.asarray(rng.integers(0, VOCAB, (8, 6)), jnp.int32)
         batch = (ids, jnp.asarray(rng.integers(0, VOCAB, (8, 6)), jnp.int32))
     params = init_params(linen, batch[0], dtype=jnp.float64)
@@ -152,6 +172,7 @@ def nnx_loss(model, x, y):
     "name",
     [
         "mlp",
+        "tied",
         pytest.param("cnn", marks=pytest.mark.slow),
         pytest.param("transformer", marks=pytest.mark.slow),
     ],
