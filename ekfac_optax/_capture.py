@@ -147,7 +147,7 @@ class _Interceptor:
         if self.blocks is None:
             if weights:
                 _refuse_mapped_inputs(path, x, weights[0])
-            spec = kind.spec(path, module, x)
+            spec = kind.call_spec(path, module, args, kwargs)
             h = None if isinstance(spec, str) else self._inputs(kind, spec, module, args, kwargs)
             out = next_fun(*args, **kwargs)
             if jnp.size(out) == 0:
@@ -424,10 +424,11 @@ def find_blocks(loss_fn: Callable[..., Any], params: Any, *args, **kwargs):
 
     Runs ``loss_fn(params, *args, **kwargs)`` abstractly (``jax.eval_shape``: shapes
     only, no FLOPs) and looks each Flax module call up in the table: every
-    call of a supported kind (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``
-    including grouped and depthwise, ``nn.ConvTranspose``, ``nn.Embed``, and the
-    scale and shift of ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.BatchNorm``,
-    ``nn.GroupNorm``, ``nn.InstanceNorm``) becomes a block. Every other
+    call of a supported kind (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum`` with an
+    equation linear in its input, ``nn.Conv`` including grouped and depthwise,
+    ``nn.ConvTranspose``, ``nn.Embed`` (also through ``attend``: a tied embedding, one
+    block for both uses), and the scale and shift of ``nn.LayerNorm``, ``nn.RMSNorm``,
+    ``nn.BatchNorm``, ``nn.GroupNorm``, ``nn.InstanceNorm``) becomes a block. Every other
     parameter (an unsupported module, a parameter shared by two layers, a
     ``self.param`` of a custom module) is left to the
     preconditioner's fallback; :func:`summarize` lists which. A layer inside ``nn.scan`` or

@@ -101,6 +101,11 @@ class _Kind:
         """The block of a call, or the reason why its parameters fall back."""
         raise NotImplementedError
 
+    def call_spec(self, path: str, module: nn.Module, args, kwargs) -> BlockSpec | str:
+        """:meth:`spec` of a call's arguments (a kind whose block depends on more than the
+        input overrides this)."""
+        return self.spec(path, module, first_input(args, kwargs))
+
     def inputs(self, spec: BlockSpec, module: nn.Module, args, kwargs) -> jax.Array:
         """``h``: ``(*stack, N, T, d_in)`` (embed: ``(N, T)`` token ids)."""
         raise NotImplementedError
@@ -116,6 +121,14 @@ class _Kind:
     def kernel_like(self, spec: BlockSpec, matrix: jax.Array, like: jax.Array) -> jax.Array:
         """Inverse of :meth:`weights`."""
         return jnp.reshape(matrix, like.shape)
+
+    def bias_row(self, spec: BlockSpec, bias: jax.Array) -> jax.Array:
+        """The bias as the block matrix's last row, ``(*stack, 1, d_out)``."""
+        return jnp.reshape(bias, (*spec.stack, 1, spec.d_out))
+
+    def bias_like(self, spec: BlockSpec, row: jax.Array, like: jax.Array) -> jax.Array:
+        """Inverse of :meth:`bias_row`, from the ``(*stack, d_out)`` row."""
+        return jnp.reshape(row, like.shape)
 
 
 def first_input(args, kwargs) -> Any:
@@ -290,6 +303,109 @@ class _ConvTranspose(_Conv):
         return self._applied(jnp.reshape(matrix, shape), spec.layout[2])
 
 
+class _Einsum(_Kind):
+    """``nn.Einsum`` / ``nnx.Einsum`` whose equation is a linear map of its input: each kernel
+    letter is contracted with the input (the fan-in), kept in the output only (the fan-out) or
+    in both (a stack of blocks, as ``DenseGeneral``'s ``batch_dims``, e.g. the experts of
+    ``"ebd,edf->ebf"``); the input's first letter outside the kernel is the example axis and
+    its other letters outside the kernel are positions. ``layout`` is
+    ``(input, kernel, output, stack, fan-in, fan-out, positions)`` letters (positions start with
+    the example's); the bias, over the output's kernel letters, is a row per stack member."""
+
+    name, block, modules = "einsum", "kronecker", (nn.Einsum, nnx.Einsum)
+
+    def call_spec(self, path, module, args, kwargs):
+        x = first_input(args, kwargs)
+        equation = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+        equation = (equation or module.einsum_str).replace(" ", "")
+        layout = _einsum_layout(equation)
+        if isinstance(layout, str):
+            return f"Einsum {equation!r}: {layout}"
+        inputs, kernel, _, stack, fan_in, fan_out, _ = layout
+        _need_batch_axis(path, x, len(inputs), f"the einsum's input {inputs!r}")
+        params = params_of(module, (KERNEL, BIAS))
+        sizes = dict(zip(kernel, jnp.shape(params[KERNEL]), strict=True))
+        return _spec(
+            path,
+            self.name,
+            self.block,
+            params,
+            stack=(math.prod(sizes[c] for c in stack),) if stack else (),
+            d_in=math.prod(sizes[c] for c in fan_in),
+            d_out=math.prod(sizes[c] for c in fan_out),
+            layout=layout,
+        )
+
+    def _rows(self, spec, x, letters, features):
+        """``x`` (of ``letters``) as ``(*stack, N, T, features' size)``."""
+        stack, positions = spec.layout[3], spec.layout[6]
+        order = [letters.index(c) for c in (*stack, *positions, *features)]
+        x = jnp.transpose(x, order)
+        n = x.shape[len(stack)]
+        return x.reshape(*spec.stack, n, -1, math.prod(x.shape[len(stack) + len(positions) :]))
+
+    def inputs(self, spec, module, args, kwargs):
+        return self._rows(spec, first_input(args, kwargs), spec.layout[0], spec.layout[4])
+
+    def outputs(self, spec, grad):
+        return self._rows(spec, grad, spec.layout[2], spec.layout[5])
+
+    def _kernel_order(self, spec):
+        kernel, _, stack, fan_in, fan_out = spec.layout[1:6]
+        return kernel, (*stack, *fan_in, *fan_out)
+
+    def weights(self, spec, node):
+        kernel, order = self._kernel_order(spec)
+        matrix = jnp.transpose(node[KERNEL], [kernel.index(c) for c in order])
+        return jnp.reshape(matrix, (*spec.stack, spec.d_in, spec.d_out))
+
+    def kernel_like(self, spec, matrix, like):
+        kernel, order = self._kernel_order(spec)
+        sizes = dict(zip(kernel, like.shape, strict=True))
+        matrix = jnp.reshape(matrix, [sizes[c] for c in order])
+        return jnp.transpose(matrix, [order.index(c) for c in kernel])
+
+    def _bias_letters(self, spec):
+        kernel, output, stack, _, fan_out = spec.layout[1:6]
+        return tuple(c for c in output if c in kernel), (*stack, *fan_out)
+
+    def bias_row(self, spec, bias):
+        letters, order = self._bias_letters(spec)
+        row = jnp.transpose(bias, [letters.index(c) for c in order])
+        return jnp.reshape(row, (*spec.stack, 1, spec.d_out))
+
+    def bias_like(self, spec, row, like):
+        letters, order = self._bias_letters(spec)
+        sizes = dict(zip(letters, like.shape, strict=True))
+        row = jnp.reshape(row, [sizes[c] for c in order])
+        return jnp.transpose(row, [order.index(c) for c in letters])
+
+
+def _einsum_layout(equation: str) -> tuple | str:
+    """The letters of :class:`_Einsum`'s ``layout`` for ``"input,kernel->output"``, or why the
+    equation is no linear map of the input that one Kronecker block (or a stack) describes."""
+    if "..." in equation:
+        return "an ellipsis (name every axis to get a block)"
+    lhs, output = equation.split("->")
+    inputs, kernel = lhs.split(",")
+    for name, letters in (("input", inputs), ("kernel", kernel), ("output", output)):
+        if len(set(letters)) < len(letters):
+            return f"a letter repeated in the {name} (a diagonal)"
+    if all(c in kernel for c in inputs):
+        return "every input axis is contracted or stacked with the kernel (no example axis)"
+    summed = [c for c in kernel if c not in inputs and c not in output]
+    if summed:
+        return f"kernel axes {''.join(summed)!r} summed out of the product"
+    dropped = [c for c in inputs if c not in kernel and c not in output]
+    if dropped:
+        return f"input axes {''.join(dropped)!r} summed without the kernel"
+    stack = tuple(c for c in kernel if c in inputs and c in output)
+    fan_in = tuple(c for c in kernel if c in inputs and c not in output)
+    fan_out = tuple(c for c in kernel if c not in inputs)
+    positions = tuple(c for c in inputs if c not in kernel)
+    return (inputs, kernel, output, stack, fan_in, fan_out, positions)
+
+
 class _Embed(_Kind):
     """``nn.Embed`` called on integer ids: ``h`` are the ids, ``(N, T)``."""
 
@@ -327,6 +443,12 @@ class _EmbedAttend(_Embed):
         _need_batch_axis(path, x, 2, "(batch, ..., features)")
         params = params_of(module, (EMBEDDING,))
         vocab, features = jnp.shape(params[EMBEDDING])
+        if jnp.shape(x)[-1] != features:
+            raise ValueError(
+                f"value_grad_and_stats: nn.Embed {path!r} is tied: its lookup gives features of "
+                f"size {features} (embedding {vocab}x{features}), but its attend was called on "
+                f"an input of shape {jnp.shape(x)}, whose last axis should be {features}"
+            )
         return _spec(path, "embed", self.block, params, d_in=vocab, d_out=features, layout=ATTEND)
 
     def inputs(self, spec, module, args, kwargs):
@@ -418,6 +540,7 @@ class _ScaleAndShift(_Kind):
 KINDS: tuple[_Kind, ...] = (
     _Dense(),
     _DenseGeneral(),
+    _Einsum(),
     _Conv(),
     _ConvTranspose(),
     _Embed(),
@@ -453,7 +576,7 @@ def to_matrix(node: Mapping[str, jax.Array], spec: BlockSpec) -> jax.Array:
     kernel = kind.weights(spec, node).astype(spec.dtype)
     if not spec.has_bias:
         return kernel
-    bias = jnp.reshape(node[BIAS], (*spec.stack, 1, spec.d_out)).astype(spec.dtype)
+    bias = kind.bias_row(spec, node[BIAS]).astype(spec.dtype)
     return jnp.concatenate([kernel, bias], axis=-2)
 
 
@@ -477,6 +600,6 @@ def from_matrix(matrix: jax.Array, like: Mapping[str, jax.Array], spec: BlockSpe
     kernel = kind.kernel_like(spec, matrix[..., : spec.d_in, :], like[weight])
     out[weight] = kernel.astype(like[weight].dtype)
     if spec.has_bias:
-        bias = matrix[..., spec.d_in, :]
-        out[BIAS] = jnp.reshape(bias, jnp.shape(like[BIAS])).astype(like[BIAS].dtype)
+        bias = kind.bias_like(spec, matrix[..., spec.d_in, :], like[BIAS])
+        out[BIAS] = bias.astype(like[BIAS].dtype)
     return out

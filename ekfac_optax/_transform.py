@@ -185,6 +185,12 @@ def _scale_by_kfe(
 
     def update_fn(updates, state, params=None, *, stats=None, **extra_args):
         del params, extra_args
+        # Every product of the curvature (factors, bases, scalings) at full float32 precision:
+        # a TPU's or GPU's default (bfloat16 passes, TF32) would round the eigenbasis rotations.
+        with jax.default_matmul_precision("highest"):
+            return _update(updates, state, stats)
+
+    def _update(updates, state, stats):
         # An nnx.State of variables (split + jax.jit): work on its arrays, return its structure.
         structure = jax.tree.structure(updates)
         updates = _blocks.as_arrays(updates)
@@ -318,6 +324,12 @@ def scale_by_ekfac(
     average (decay ``scaling_decay``) of ``N g²`` (EKFAC-ra with the identity
     basis), ``"identity"`` passes it unchanged. :func:`ekfac_optax.summarize`
     lists what each parameter gets.
+
+    Dtypes: the curvature (factors, bases, scalings, the fallback's averages) is kept in
+    float32 for 16-bit parameters and in the parameters' dtype otherwise; ``stats`` computed
+    in bfloat16 (``dtype=jnp.bfloat16`` layers with float32 parameters) are cast to it, every
+    product of the curvature runs at ``HIGHEST`` matmul precision, and the updates come back
+    in each parameter's dtype.
 
     Non-finite numbers never enter the state: an update whose incoming
     gradient, ``stats`` or result holds a NaN or Inf returns zeros and leaves

@@ -211,6 +211,119 @@ def test_dense_general_batch_dims_equals_separate_dense():
         assert block.factor_b.shape == (G_STACK, 6, 6), block.factor_b.shape
 
 
+# --- 1b. nn.Einsum = the nn.DenseGeneral of the same linear map -----------------------------------
+
+EINSUM_CASES = {
+    # name: (equation, kernel shape, kernel axes of the twin's kernel, output transpose, stacked)
+    "attention": ("btd,dnh->btnh", (4, 2, 3), (0, 1, 2), None, False),
+    "permuted": ("btd,hdn->bnth", (3, 4, 2), (1, 2, 0), (0, 2, 1, 3), False),
+    "experts": ("ebd,edf->bfe", (2, 4, 5), (0, 1, 2), (1, 2, 0), True),
+}
+
+
+class EinsumNet(nn.Module):
+    """One ``nn.Einsum`` (with a bias); logits from its output."""
+
+    case: str
+
+    @nn.compact
+    def __call__(self, x):
+        equation, shape, _, _, stacked = EINSUM_CASES[self.case]
+        if stacked:  # (N, 4) -> two "experts" see x and 2x: (E, N, 4)
+            x = jnp.stack([x, 2 * x])
+        y = nn.Einsum(shape, equation, param_dtype=F64, name="layer")(x)
+        if stacked:
+            return y.sum(-1)  # (N, 5)
+        return (
+            jnp.swapaxes(y, 1, 2).reshape(*x.shape[:2], -1)
+            if self.case == "permuted"
+            else (y.reshape(*x.shape[:2], -1))
+        )
+
+
+class EinsumTwin(nn.Module):
+    """The same map as ``nn.DenseGeneral`` (features ``(2, 3)``, or 5 with ``batch_dims``)."""
+
+    case: str
+
+    @nn.compact
+    def __call__(self, x):
+        if EINSUM_CASES[self.case][4]:
+            y = nn.DenseGeneral(5, batch_dims=(0,), param_dtype=F64, name="layer")(
+                jnp.stack([x, 2 * x])
+            )
+            return y.sum(0)
+        return nn.DenseGeneral((2, 3), param_dtype=F64, name="layer")(x).reshape(*x.shape[:2], -1)
+
+
+def einsum_to_twin(layer: dict, case: str) -> dict:
+    """An Einsum's parameters (or gradients, updates) in its DenseGeneral twin's layout."""
+    _, _, axes, _, stacked = EINSUM_CASES[case]
+    out = {"kernel": jnp.transpose(layer["kernel"], axes)}
+    # The bias is over the output's kernel letters in the output's order: "bfe" -> (f, e).
+    out["bias"] = layer["bias"].T if stacked else layer["bias"]
+    return out
+
+
+@pytest.mark.parametrize("case", list(EINSUM_CASES))
+def test_einsum_equals_dense_general(case):
+    """An ``nn.Einsum`` whose equation is a linear map of its input is a Kronecker block (a
+    stack for kernel letters kept in the output, as the experts of a mixture): its update in
+    every method is that of the ``nn.DenseGeneral`` computing the same function, with the
+    kernel's and bias's axes permuted as the equation orders them (the output permuted too)."""
+    rng = np.random.default_rng(11)
+    stacked = EINSUM_CASES[case][4]
+    x = jnp.asarray(rng.standard_normal((16, 4) if stacked else (16, 3, 4)))  # N T > d_in + 1
+    y = jnp.asarray(rng.integers(0, 5 if stacked else 6, x.shape[:-1]))
+    params = init_params(EinsumNet(case), x)
+    blocks, updates, _, grads, _ = first_step(classifier_loss(EinsumNet(case)), params, x, y)
+    spec = blocks["layer"]
+    assert (spec.kind, spec.block, spec.stack) == ("einsum", "kronecker", (2,) if stacked else ())
+    twin = {"layer": einsum_to_twin(params["layer"], case)}
+    twin_loss = classifier_loss(EinsumTwin(case))
+    np.testing.assert_allclose(
+        twin_loss(twin, x, y), classifier_loss(EinsumNet(case))(params, x, y), rtol=1e-12
+    )
+    _, expected, _, _, _ = first_step(twin_loss, twin, x, y)
+    for method in METHODS:
+        actual = {"layer": einsum_to_twin(updates[method]["layer"], case)}
+        assert_updates_equal(actual, expected[method], method)
+    g = einsum_to_twin(grads["layer"], case)["kernel"]
+    assert ref.relative_error(g, expected["ekfac"]["layer"]["kernel"]) > 1e-2  # not vacuous
+
+
+class EinsumFallbackNet(nn.Module):
+    equation: str
+    shape: tuple
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Einsum(self.shape, self.equation, use_bias=False, param_dtype=F64, name="mix")(x)
+        return nn.Dense(3, param_dtype=F64, name="head")(y.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize(
+    "equation, shape, reason",
+    [
+        ("nd,dk->nd", (4, 2), "kernel axes 'k' summed out"),
+        ("nd,ndk->nk", (5, 4, 2), "no example axis"),
+        ("...d,dk->...k", (4, 2), "ellipsis"),
+    ],
+)
+def test_einsum_that_is_no_linear_map_of_its_input_falls_back_with_its_reason(
+    equation, shape, reason
+):
+    """An Einsum whose equation sums kernel axes away, maps the example axis away or uses an
+    ellipsis is no block; ``summarize`` gives the reason on its kernel."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 4)))
+    model = EinsumFallbackNet(equation, shape)
+    params = init_params(model, x)
+    blocks = ek.find_blocks(classifier_loss(model), params, x, jnp.zeros(5, jnp.int32))
+    assert "mix" not in blocks and "head" in blocks
+    row = summary_rows(params, blocks)["mix/kernel"]
+    assert "no block: Einsum" in row and reason in row, row
+
+
 # --- 2. Grouped and depthwise nn.Conv = one nn.Conv per group -------------------------------------
 
 
@@ -437,6 +550,16 @@ def test_tied_embed_is_one_block_against_per_example_gradients():
     assert "tied embedding block 6x3" in row, row
 
 
+class WrongWidthTiedNet(nn.Module):
+    """A tied embedding whose attend gets inputs of another width than its lookup gives."""
+
+    @nn.compact
+    def __call__(self, ids):
+        tokens = nn.Embed(VOCAB, WIDTH, param_dtype=F64, name="tokens")
+        x = nn.Dense(WIDTH + 1, use_bias=False, param_dtype=F64, name="mix")(tokens(ids))
+        return tokens.attend(x)
+
+
 class AttendOnlyNet(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -475,6 +598,10 @@ def test_tied_embed_bad_stats_and_attend_only():
                 ),
             },
         )
+
+    wrong = {"tokens": params["tokens"], "mix": {"kernel": jnp.ones((WIDTH, WIDTH + 1))}}
+    with pytest.raises(ValueError, match=r"'tokens' is tied.*\(5, 3, 4\)"):
+        ek.find_blocks(classifier_loss(WrongWidthTiedNet()), wrong, ids, labels)
 
     x = jnp.asarray(rng.normal(size=(5, 3, WIDTH)))
     params = init_params(AttendOnlyNet(), x)

@@ -126,18 +126,20 @@ class NnxTransformerBlock(nnx.Module):
 
 
 class LinenTied(nn.Module):
-    """A tied embedding: ``Embed`` as the input layer and, through ``attend``, the output one."""
+    """A tied embedding: ``Embed`` as the input layer and, through ``attend``, the output one;
+    an ``Einsum`` between them."""
 
     @nn.compact
     def __call__(self, ids):
         embed = nn.Embed(VOCAB, WIDTH, name="embed")
-        return embed.attend(jnp.tanh(nn.Dense(WIDTH, name="mix")(embed(ids))))
+        mix = nn.Einsum((WIDTH, WIDTH), "btd,df->btf", name="mix")
+        return embed.attend(jnp.tanh(mix(embed(ids))))
 
 
 class NnxTied(nnx.Module):
     def __init__(self, rngs):
         self.embed = nnx.Embed(VOCAB, WIDTH, rngs=rngs, **F64)
-        self.mix = nnx.Linear(WIDTH, WIDTH, rngs=rngs, **F64)
+        self.mix = nnx.Einsum("btd,df->btf", (WIDTH, WIDTH), (WIDTH,), rngs=rngs, **F64)
 
     def __call__(self, ids):
         return self.embed.attend(jnp.tanh(self.mix(self.embed(ids))))
