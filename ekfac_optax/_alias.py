@@ -1,7 +1,6 @@
 """Aliases: each preconditioner chained with ``optax.scale_by_learning_rate``."""
 
 from collections.abc import Mapping
-from typing import Literal
 
 import jax
 import optax
@@ -18,7 +17,7 @@ def ekfac(
     damping: ScalarOrSchedule = 1e-3,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
-    scaling: Literal["batch", "running"] = "batch",
+    scaling: _scalings.ScalingName = "batch",
     scaling_decay: jax.typing.ArrayLike = 0.95,
     damping_mode: _scalings.DampingMode = "tikhonov",
     weight_sharing: _factors.WeightSharing = "expand",

@@ -9,16 +9,26 @@
 - ``scale_and_shift_grads``: exact per-example gradients of a normalisation's scale and shift.
 - ``damped``: the denominator ``s + damping`` (Tikhonov) or the factored
   damping of Appendix C; ``divide`` applies it.
+- The rules (:class:`ScalingRule`): ``KfacScaling``, ``BatchScaling`` (EKFAC),
+  ``RunningScaling`` (EKFAC-ra), each a small object with its hyperparameters, its per-block
+  slot, its update each step and at a basis change, for Kronecker, embedding and diagonal
+  blocks and the fallback. Adding a preconditioner means adding a rule here and its tests.
 """
 
+import dataclasses
 import functools
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from ekfac_optax._factors import debiased_ema
+from ekfac_optax._validation import concrete as concrete_number
+
 DampingMode = Literal["tikhonov", "factored"]
+ScalingName = Literal["batch", "running"]  # scale_by_ekfac's rules by name
 
 
 def batch_scalings(h_kfe: jax.Array, delta_kfe: jax.Array) -> jax.Array:
@@ -224,3 +234,135 @@ def divide(grad_kfe: jax.Array, denominator: jax.Array, damping) -> jax.Array:
     tol = jnp.where(jnp.asarray(damping, denominator.dtype) == 0, cutoff, 0)
     keep = denominator > tol
     return jnp.where(keep, grad_kfe / jnp.where(keep, denominator, 1), 0)
+
+
+# --- The scaling rules: one small object per preconditioner ------------------------------------
+
+
+class Context(NamedTuple):
+    """What a rule may read when it updates one block's slot (computed only if asked for).
+
+    Attributes:
+      grad_kfe: the incoming update in the KFE, ``U_Aᵀ g U_B`` (a diagonal block: ``g``).
+      batch: ``() -> s*``: this batch's per-example second moments in the KFE (a diagonal
+        block: of its exact per-example gradients).
+      kfac: ``() -> T S_A ⊗ S_B``: KFAC's eigenvalues at the last basis update (Kronecker and
+        embedding blocks only).
+      n: the batch size ``N``.
+      count: the number of updates applied before this one.
+    """
+
+    grad_kfe: jax.Array
+    batch: Callable[[], jax.Array]
+    kfac: Callable[[], jax.Array] | None
+    n: int
+    count: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingRule:
+    """How a preconditioner scales the gradient in the KFE: its per-block state slot (``s``, the
+    diagonal scalings; zeros at ``init``), its update every step, its rule at a basis change,
+    and the same for diagonal blocks and the fallback's parameters. Subclasses are the
+    preconditioners; their hyperparameters are checked once, at construction
+    (:meth:`check`)."""
+
+    name = "rule"
+
+    def check(self) -> None:
+        """Raises ValueError, naming the hyperparameter, for a value out of range."""
+
+    def kfe(self, s: jax.Array, context: Context) -> jax.Array:
+        """The scalings of a Kronecker or embedding block this step."""
+        raise NotImplementedError
+
+    def restart(self, s: jax.Array, kfac: jax.Array) -> jax.Array:
+        """The slot after a basis change, from KFAC's eigenvalues in the new basis (the
+        scalings of the old basis mean nothing in the new one)."""
+        del s
+        return kfac
+
+    def diagonal(self, s: jax.Array, context: Context) -> jax.Array:
+        """The scalings of a diagonal block (exact per-example gradients) this step."""
+        raise NotImplementedError
+
+    def fallback(self, s: jax.Array, grad: jax.Array, n: int, count: jax.Array) -> jax.Array:
+        """The scalings of a parameter in no block: a debiased average of ``N g²``."""
+        return debiased_ema(s, n * grad**2, self.fallback_decay, count)
+
+    @property
+    def fallback_decay(self):
+        raise NotImplementedError
+
+
+def _check_decay(name: str, value: Any) -> None:
+    number = concrete_number(name, value)
+    if number is not None and not 0 <= number < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class KfacScaling(ScalingRule):
+    """KFAC: ``s = T S_A ⊗ S_B``, the eigenvalues of ``T A ⊗ B``; a diagonal block and the
+    fallback average their second moments with ``factor_decay`` (as kfac-jax's scale-and-shift
+    blocks)."""
+
+    factor_decay: Any = 0.95
+    name = "kfac"
+
+    def check(self):
+        _check_decay("factor_decay", self.factor_decay)
+
+    def kfe(self, s, context):
+        return context.kfac()
+
+    def diagonal(self, s, context):
+        return debiased_ema(s, context.batch(), self.factor_decay, context.count)
+
+    @property
+    def fallback_decay(self):
+        return self.factor_decay
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchScaling(ScalingRule):
+    """EKFAC (Algorithm 1): ``s = s*`` of this batch's per-example gradients; the fallback
+    averages ``N g²`` with ``scaling_decay``."""
+
+    scaling_decay: Any = 0.95
+    name = "batch"
+
+    def check(self):
+        _check_decay("scaling_decay", self.scaling_decay)
+
+    def kfe(self, s, context):
+        return context.batch()
+
+    def diagonal(self, s, context):
+        return context.batch()
+
+    @property
+    def fallback_decay(self):
+        return self.scaling_decay
+
+
+@dataclasses.dataclass(frozen=True)
+class RunningScaling(ScalingRule):
+    """EKFAC-ra: ``s ← d s + (1 - d) N g̃²`` (:func:`running_scalings`), restarted from KFAC's
+    eigenvalues at each basis change; a diagonal block and the fallback average ``N g²``."""
+
+    scaling_decay: Any = 0.95
+    name = "running"
+
+    def check(self):
+        _check_decay("scaling_decay", self.scaling_decay)
+
+    def kfe(self, s, context):
+        return running_scalings(s, context.grad_kfe, context.n, self.scaling_decay)
+
+    def diagonal(self, s, context):
+        return debiased_ema(s, context.n * context.grad_kfe**2, self.scaling_decay, context.count)
+
+    @property
+    def fallback_decay(self):
+        return self.scaling_decay

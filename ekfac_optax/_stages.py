@@ -14,13 +14,11 @@ groups) are mapped over.
 """
 
 import functools
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
 from ekfac_optax import _blocks, _eigenbasis, _factors, _scalings
-
-Scaling = Literal["batch", "running", "kfac"]
 
 
 def _stacked(fn, spec):
@@ -29,10 +27,9 @@ def _stacked(fn, spec):
 
 
 class Config(NamedTuple):
-    """The static configuration the stages share."""
+    """The static configuration the stages share: the scaling rule and the factors' options."""
 
-    scaling: Scaling
-    scaling_decay: Any
+    rule: _scalings.ScalingRule
     factor_decay: Any
     damping_mode: _scalings.DampingMode
     weight_sharing: _factors.WeightSharing
@@ -103,17 +100,19 @@ def new_bases(specs, blocks, h, mesh, config: Config):
         new = dict(eigvals_a=eigvals_a, eigvals_b=eigvals_b, basis_b=basis_b)
         if spec.block == "kronecker":
             kfac, new["basis_a"] = _stacked(kfac, spec), basis_a
-        out[path] = block._replace(scalings=kfac(eigvals_a, eigvals_b), **new)
+        scalings = config.rule.restart(block.scalings, kfac(eigvals_a, eigvals_b))
+        out[path] = block._replace(scalings=scalings, **new)
     return out
 
 
-def _kfe_scalings(block, grad_kfe, batch, n, positions, config: Config):
+def _kfe_scalings(block, grad_kfe, batch, n, count, positions, config: Config):
     """The scalings of the configured rule; ``batch()`` computes this batch's ``s*``."""
-    if config.scaling == "batch":
-        return batch()
-    if config.scaling == "running":
-        return _scalings.running_scalings(block.scalings, grad_kfe, n, config.scaling_decay)
-    return _scalings.kfac_scalings(block.eigvals_a, block.eigvals_b, positions)
+
+    def kfac():
+        return _scalings.kfac_scalings(block.eigvals_a, block.eigvals_b, positions)
+
+    context = _scalings.Context(grad_kfe, batch, kfac, n, count)
+    return config.rule.kfe(block.scalings, context)
 
 
 def _divide(grad_kfe, scalings, block, damping, positions, config: Config):
@@ -129,13 +128,12 @@ def precondition(spec, block, grad, h, delta, n, count, damping, config: Config,
     if spec.block == "diagonal":
 
         def one_diagonal(scalings, grad, h, delta):
-            if config.scaling == "running":
-                return _factors.debiased_ema(scalings, n * grad**2, config.scaling_decay, count)
-            per_example = _scalings.scale_and_shift_grads(h, delta, spec.names)
-            batch = jnp.mean(per_example**2, axis=0)
-            if config.scaling == "kfac":
-                return _factors.debiased_ema(scalings, batch, config.factor_decay, count)
-            return batch
+            def batch():
+                per_example = _scalings.scale_and_shift_grads(h, delta, spec.names)
+                return jnp.mean(per_example**2, axis=0)
+
+            context = _scalings.Context(grad, batch, None, n, count)
+            return config.rule.diagonal(scalings, context)
 
         scalings = _stacked(one_diagonal, spec)(block.scalings, grad, h, delta)
         update = _scalings.divide(grad, scalings + jnp.asarray(damping, grad.dtype), damping)
@@ -154,7 +152,7 @@ def precondition(spec, block, grad, h, delta, n, count, damping, config: Config,
                 )
             return _scalings.embedding_batch_scalings(h, delta_kfe, spec.d_in)
 
-        scalings = _kfe_scalings(block, grad_kfe, batch, n, positions, config)
+        scalings = _kfe_scalings(block, grad_kfe, batch, n, count, positions, config)
         divided = _divide(grad_kfe, scalings, block, damping, positions, config)
         update = _eigenbasis.from_eigenbasis(divided, None, block.basis_b)
         return update, block._replace(scalings=scalings)
@@ -167,7 +165,7 @@ def precondition(spec, block, grad, h, delta, n, count, damping, config: Config,
             delta_kfe = _eigenbasis.outputs_to_eigenbasis(delta, block.basis_b)
             return _scalings.batch_scalings(h_kfe, delta_kfe)
 
-        scalings = _kfe_scalings(block, grad_kfe, batch, n, positions, config)
+        scalings = _kfe_scalings(block, grad_kfe, batch, n, count, positions, config)
         divided = _divide(grad_kfe, scalings, block, damping, positions, config)
         return _eigenbasis.from_eigenbasis(divided, block.basis_a, block.basis_b), scalings
 
@@ -175,13 +173,13 @@ def precondition(spec, block, grad, h, delta, n, count, damping, config: Config,
     return update, block._replace(scalings=scalings)
 
 
-def fallback(leaves, state, n, count, damping, decay):
-    """Stage 4: the diagonal fallback ``g / (s + damping)``, ``s`` the debiased average of
-    ``N g²``; ``(updates, new state)`` keyed by parameter path."""
+def fallback(leaves, state, n, count, damping, config: Config):
+    """Stage 4: the diagonal fallback ``g / (s + damping)``, ``s`` the rule's debiased average
+    of ``N g²``; ``(updates, new state)`` keyed by parameter path."""
     updates, new_state = {}, {}
     for path, grad in leaves.items():
         g = grad.astype(state[path].dtype)
-        scalings = _factors.debiased_ema(state[path], n * g**2, decay, count)
+        scalings = config.rule.fallback(state[path], g, n, count)
         new_state[path] = scalings
         divided = _scalings.divide(g, scalings + jnp.asarray(damping, g.dtype), damping)
         updates[path] = divided.astype(grad.dtype)

@@ -29,7 +29,6 @@ from jax.sharding import Mesh
 
 from ekfac_optax import _blocks, _factors, _kinds, _scalings, _stages, _validation
 
-Scaling = _stages.Scaling
 Fallback = Literal["diagonal", "identity"]
 ScalarOrSchedule = jax.typing.ArrayLike | optax.Schedule
 
@@ -161,13 +160,11 @@ def _scale_by_kfe(
     blocks = _blocks.with_cap(_validation.check_blocks(blocks), max_factor_dim)
     if mesh is not None and not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
-    _validation.check_hyperparameters(
-        damping, basis_update_every, config.factor_decay, config.scaling_decay
-    )
+    _validation.check_hyperparameters(damping, basis_update_every, config.factor_decay)
+    config.rule.check()
     _validation.check_choice("damping_mode", config.damping_mode, ("tikhonov", "factored"))
     _validation.check_choice("weight_sharing", config.weight_sharing, ("expand", "reduce"))
     _validation.check_choice("fallback", fallback, ("diagonal", "identity"))
-    fallback_decay = config.factor_decay if config.scaling == "kfac" else config.scaling_decay
 
     def init_fn(params):
         params = _blocks.as_arrays(params)  # nnx.Optimizer passes nnx.Param variables
@@ -255,7 +252,7 @@ def _scale_by_kfe(
         if fallback == "diagonal":
             leaves = _blocks.fallback_leaves(updates, blocks)
             fallback_updates, new_fallback = _stages.fallback(
-                leaves, state.fallback, n, count, damping_now, fallback_decay
+                leaves, state.fallback, n, count, damping_now, config
             )
             new_updates = _replace_leaves(new_updates, fallback_updates)
 
@@ -281,7 +278,7 @@ def scale_by_ekfac(
     damping: ScalarOrSchedule = 1e-3,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
-    scaling: Literal["batch", "running"] = "batch",
+    scaling: _scalings.ScalingName = "batch",
     scaling_decay: jax.typing.ArrayLike = 0.95,
     damping_mode: _scalings.DampingMode = "tikhonov",
     weight_sharing: _factors.WeightSharing = "expand",
@@ -408,9 +405,11 @@ def scale_by_ekfac(
       Eschenhagen et al., Kronecker-Factored Approximate Curvature for Modern
       Neural Network Architectures, NeurIPS 2023 (K-FAC-expand and -reduce).
     """
-    if scaling not in ("batch", "running"):
+    rules = {"batch": _scalings.BatchScaling, "running": _scalings.RunningScaling}
+    if scaling not in rules:
         raise ValueError(f"scaling must be 'batch' or 'running', got {scaling!r}")
-    config = _stages.Config(scaling, scaling_decay, factor_decay, damping_mode, weight_sharing)
+    rule = rules[scaling](scaling_decay=scaling_decay)
+    config = _stages.Config(rule, factor_decay, damping_mode, weight_sharing)
     return _scale_by_kfe(
         blocks, damping, basis_update_every, config, fallback, mesh, max_factor_dim
     )
@@ -466,7 +465,8 @@ def scale_by_kfac(
       Approximate Curvature, ICML 2015; Grosse & Martens, A Kronecker-factored
       approximate Fisher matrix for convolution layers, ICML 2016.
     """
-    config = _stages.Config("kfac", 0.0, factor_decay, damping_mode, weight_sharing)
+    rule = _scalings.KfacScaling(factor_decay=factor_decay)
+    config = _stages.Config(rule, factor_decay, damping_mode, weight_sharing)
     return _scale_by_kfe(
         blocks, damping, basis_update_every, config, fallback, mesh, max_factor_dim
     )

@@ -29,7 +29,7 @@ def concrete(name: str, value: Any) -> float | None:
     return float(value)
 
 
-def check_hyperparameters(damping, basis_update_every, factor_decay, scaling_decay):
+def check_hyperparameters(damping, basis_update_every, factor_decay):
     """Raises ValueError/TypeError, naming the hyperparameter, for a value out of range."""
     damping_value = concrete("damping", damping)
     if damping_value is not None and not damping_value >= 0:
@@ -39,10 +39,9 @@ def check_hyperparameters(damping, basis_update_every, factor_decay, scaling_dec
         raise ValueError(
             f"basis_update_every must be an integer in [1, 2**31), got {basis_update_every}"
         )
-    for name, decay in (("factor_decay", factor_decay), ("scaling_decay", scaling_decay)):
-        value = concrete(name, decay)
-        if value is not None and not 0 <= value < 1:
-            raise ValueError(f"{name} must be in [0, 1), got {decay}")
+    value = concrete("factor_decay", factor_decay)
+    if value is not None and not 0 <= value < 1:
+        raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay}")
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
