@@ -1,13 +1,14 @@
-"""ekfac_optax: EKFAC, EKFAC-ra and KFAC as optax gradient transformations.
+"""ekfac_optax: EKFAC, EKFAC-ra, KFAC and KFE-Adam as optax gradient transformations.
 
 George, Laurent, Bouthillier, Ballas, Vincent. Fast Approximate Natural
 Gradient Descent in a Kronecker-factored Eigenbasis. NeurIPS 2018.
 """
 
-from ekfac_optax._alias import ekfac, kfac
+from ekfac_optax._alias import ekfac, kfac, kfe_adam, kfe_adamw
 from ekfac_optax._blocks import Blocks, BlockSpec, block_labels
 from ekfac_optax._capture import LayerStats, find_blocks, value_grad_and_stats
 from ekfac_optax._checkpoint import restore_state, save_state
+from ekfac_optax._scalings import AdamSlot
 from ekfac_optax._summary import ParameterRow, Summary, summarize, summary
 from ekfac_optax._transform import (
     BlockState,
@@ -16,9 +17,11 @@ from ekfac_optax._transform import (
     ScaleByEkfacState,
     scale_by_ekfac,
     scale_by_kfac,
+    scale_by_kfe_adam,
 )
 
 __all__ = [
+    "AdamSlot",
     "Blocks",
     "BlockSpec",
     "BlockState",
@@ -32,10 +35,13 @@ __all__ = [
     "ekfac",
     "find_blocks",
     "kfac",
+    "kfe_adam",
+    "kfe_adamw",
     "restore_state",
     "save_state",
     "scale_by_ekfac",
     "scale_by_kfac",
+    "scale_by_kfe_adam",
     "summarize",
     "summary",
     "value_grad_and_stats",

@@ -1,13 +1,20 @@
 """Aliases: each preconditioner chained with ``optax.scale_by_learning_rate``."""
 
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import optax
 from jax.sharding import Mesh
 
 from ekfac_optax import _blocks, _factors, _scalings
-from ekfac_optax._transform import Fallback, ScalarOrSchedule, scale_by_ekfac, scale_by_kfac
+from ekfac_optax._transform import (
+    Fallback,
+    ScalarOrSchedule,
+    scale_by_ekfac,
+    scale_by_kfac,
+    scale_by_kfe_adam,
+)
 
 
 def ekfac(
@@ -89,5 +96,98 @@ def kfac(
             mesh=mesh,
             max_factor_dim=max_factor_dim,
         ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def kfe_adam(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    blocks: Mapping[str, _blocks.BlockSpec],
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    basis_update_every: jax.typing.ArrayLike = 20,
+    factor_decay: jax.typing.ArrayLike = 0.95,
+    weight_sharing: _factors.WeightSharing = "expand",
+    fallback: Fallback = "diagonal",
+    mesh: Mesh | None = None,
+    max_factor_dim: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """KFE-Adam: :func:`scale_by_kfe_adam` then ``optax.scale_by_learning_rate``.
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      blocks, b1, b2, eps, basis_update_every, factor_decay, weight_sharing, fallback, mesh,
+      max_factor_dim: see :func:`scale_by_kfe_adam`.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` to ``update``.
+    """
+    return kfe_adamw(
+        learning_rate,
+        blocks=blocks,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        weight_decay=0.0,
+        basis_update_every=basis_update_every,
+        factor_decay=factor_decay,
+        weight_sharing=weight_sharing,
+        fallback=fallback,
+        mesh=mesh,
+        max_factor_dim=max_factor_dim,
+    )
+
+
+def kfe_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    blocks: Mapping[str, _blocks.BlockSpec],
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: Any = None,
+    basis_update_every: jax.typing.ArrayLike = 20,
+    factor_decay: jax.typing.ArrayLike = 0.95,
+    weight_sharing: _factors.WeightSharing = "expand",
+    fallback: Fallback = "diagonal",
+    mesh: Mesh | None = None,
+    max_factor_dim: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """KFE-Adam with decoupled weight decay, as ``optax.adamw``: :func:`scale_by_kfe_adam`,
+    ``optax.add_decayed_weights(weight_decay, mask)``, ``optax.scale_by_learning_rate``.
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      weight_decay: the decoupled weight decay (``optax.adamw``'s default, 1e-4).
+      mask: which parameters decay (``optax.add_decayed_weights``'s ``mask``).
+      blocks, b1, b2, eps, basis_update_every, factor_decay, weight_sharing, fallback, mesh,
+      max_factor_dim: see :func:`scale_by_kfe_adam`.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` and ``params`` to
+      ``update``.
+    """
+    decay = (
+        []
+        if isinstance(weight_decay, float) and weight_decay == 0.0
+        else [optax.add_decayed_weights(weight_decay, mask)]
+    )
+    return optax.chain(
+        scale_by_kfe_adam(
+            blocks=blocks,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            basis_update_every=basis_update_every,
+            factor_decay=factor_decay,
+            weight_sharing=weight_sharing,
+            fallback=fallback,
+            mesh=mesh,
+            max_factor_dim=max_factor_dim,
+        ),
+        *decay,
         optax.scale_by_learning_rate(learning_rate),
     )

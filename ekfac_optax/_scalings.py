@@ -250,6 +250,8 @@ class Context(NamedTuple):
         embedding blocks only).
       n: the batch size ``N``.
       count: the number of updates applied before this one.
+      grad: the incoming update in the block's own coordinates.
+      to_kfe: ``M -> U_Aᵀ M U_B`` (a diagonal block: the identity).
     """
 
     grad_kfe: jax.Array
@@ -257,30 +259,59 @@ class Context(NamedTuple):
     kfac: Callable[[], jax.Array] | None
     n: int
     count: jax.Array
+    grad: jax.Array
+    to_kfe: Callable[[jax.Array], jax.Array]
+
+
+def _identity(x):
+    return x
 
 
 @dataclasses.dataclass(frozen=True)
 class ScalingRule:
-    """How a preconditioner scales the gradient in the KFE: its per-block state slot (``s``, the
-    diagonal scalings; zeros at ``init``), its update every step, its rule at a basis change,
-    and the same for diagonal blocks and the fallback's parameters. Subclasses are the
-    preconditioners; their hyperparameters are checked once, at construction
-    (:meth:`check`)."""
+    """How a preconditioner scales the gradient in the KFE: its per-block state slot (by
+    default ``s``, the diagonal scalings; zeros at ``init``), its update every step, its rule at
+    a basis change, and the same for diagonal blocks and the fallback's parameters. Subclasses
+    are the preconditioners; their hyperparameters are checked once, at construction
+    (:meth:`check`). The default steps divide by the damped scalings of :meth:`kfe`,
+    :meth:`diagonal` and :meth:`fallback`; a rule of another form overrides the steps."""
 
     name = "rule"
 
     def check(self) -> None:
         """Raises ValueError, naming the hyperparameter, for a value out of range."""
 
+    def init(self, shape: tuple[int, ...], dtype) -> Any:
+        """The slot of a block (or fallback parameter) of this shape, before any update."""
+        return jnp.zeros(shape, dtype)
+
+    def step(self, slot: Any, context: Context, divide: Callable) -> tuple[jax.Array, Any]:
+        """``(update in the KFE, new slot)`` of a Kronecker or embedding block; ``divide(s)``
+        is ``g̃ / (s + damping)`` with the preconditioner's damping mode."""
+        scalings = self.kfe(slot, context)
+        return divide(scalings), scalings
+
+    def diagonal_step(self, slot: Any, context: Context, damping) -> tuple[jax.Array, Any]:
+        """``(update, new slot)`` of a diagonal block: ``g / (s + damping)``."""
+        scalings = self.diagonal(slot, context)
+        grad = context.grad_kfe
+        return divide(grad, scalings + jnp.asarray(damping, grad.dtype), damping), scalings
+
+    def fallback_step(self, slot: Any, grad: jax.Array, n: int, count, damping):
+        """``(update, new slot)`` of a parameter in no block: ``g / (s + damping)``."""
+        scalings = self.fallback(slot, grad, n, count)
+        return divide(grad, scalings + jnp.asarray(damping, grad.dtype), damping), scalings
+
+    def restart(self, slot: Any, kfac: jax.Array, rotation_a, rotation_b) -> Any:
+        """The slot after a basis change, from KFAC's eigenvalues in the new basis (the
+        scalings of the old basis mean nothing in the new one); ``rotation_a``/``_b`` are
+        ``U_oldᵀ U_new`` of each side (``None``: a side kept diagonal)."""
+        del slot, rotation_a, rotation_b
+        return kfac
+
     def kfe(self, s: jax.Array, context: Context) -> jax.Array:
         """The scalings of a Kronecker or embedding block this step."""
         raise NotImplementedError
-
-    def restart(self, s: jax.Array, kfac: jax.Array) -> jax.Array:
-        """The slot after a basis change, from KFAC's eigenvalues in the new basis (the
-        scalings of the old basis mean nothing in the new one)."""
-        del s
-        return kfac
 
     def diagonal(self, s: jax.Array, context: Context) -> jax.Array:
         """The scalings of a diagonal block (exact per-example gradients) this step."""
@@ -366,3 +397,76 @@ class RunningScaling(ScalingRule):
     @property
     def fallback_decay(self):
         return self.scaling_decay
+
+
+class AdamSlot(NamedTuple):
+    """KFE-Adam's slot of a block: ``mu`` the first moment in the block's own coordinates (a
+    vector, rotated exactly into any basis), ``nu`` the second moment in the KFE (the diagonal of
+    a matrix in that basis)."""
+
+    mu: jax.Array
+    nu: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamScaling(ScalingRule):
+    """KFE-Adam: Adam in the Kronecker-factored eigenbasis (the paper's future work; SOAP's
+    update in the eigenbasis of the layer's activation and back-propagated-gradient factors).
+
+    Per block, with ``g̃ = U_Aᵀ g U_B`` and ``k`` the update's number (from 1):
+    ``mu ← b1 mu + (1 - b1) g`` (in the block's coordinates), ``nu ← b2 nu + (1 - b2) g̃²``
+    (in the KFE), and the update ``U_A [m̃ / (√ν̂ + eps)] U_Bᵀ`` with ``m̃ = U_Aᵀ mu U_B /
+    (1 - b1^k)`` and ``ν̂ = nu / (1 - b2^k)``. Since ``mu`` is linear in the gradients, ``m̃`` is
+    the average of the rotated gradients: between basis changes this is exactly ``optax.adam``
+    on ``g̃``. At a basis change ``mu`` needs nothing (it lives in the block's coordinates, as
+    SOAP keeps its first moment) and ``nu`` is re-projected: ``nu_new = (R_A²)ᵀ nu_old R_B²``
+    with ``R = U_oldᵀ U_new`` squared elementwise, the diagonal of the old second-moment matrix
+    ``U_old diag(nu_old) U_oldᵀ`` in the new basis: the best diagonal there, positive, of the same
+    trace, and exactly ``nu_old`` for an unchanged basis (signs of eigenvectors included). Diagonal
+    blocks and the fallback run plain Adam on their coordinates."""
+
+    b1: Any = 0.9
+    b2: Any = 0.999
+    eps: Any = 1e-8
+    name = "adam"
+
+    def check(self):
+        _check_decay("b1", self.b1)
+        _check_decay("b2", self.b2)
+        eps = concrete_number("eps", self.eps)
+        if eps is not None and not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps}")
+
+    def init(self, shape, dtype):
+        return AdamSlot(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def _adam(self, slot, grad, grad_rotated, to_rotated, count):
+        dtype = grad.dtype
+        b1, b2 = jnp.asarray(self.b1, dtype), jnp.asarray(self.b2, dtype)
+        k = (count + 1).astype(dtype)
+        mu = b1 * slot.mu + (1 - b1) * grad
+        nu = b2 * slot.nu + (1 - b2) * grad_rotated**2
+        m_hat = to_rotated(mu) / (1 - b1**k)
+        nu_hat = nu / (1 - b2**k)
+        return m_hat / (jnp.sqrt(nu_hat) + jnp.asarray(self.eps, dtype)), AdamSlot(mu, nu)
+
+    def step(self, slot, context, divide):
+        del divide
+        return self._adam(slot, context.grad, context.grad_kfe, context.to_kfe, context.count)
+
+    def diagonal_step(self, slot, context, damping):
+        del damping
+        return self._adam(slot, context.grad, context.grad, _identity, context.count)
+
+    def fallback_step(self, slot, grad, n, count, damping):
+        del n, damping
+        return self._adam(slot, grad, grad, _identity, count)
+
+    def restart(self, slot, kfac, rotation_a, rotation_b):
+        del kfac
+        nu = slot.nu
+        if rotation_a is not None:
+            nu = (rotation_a**2).T @ nu
+        if rotation_b is not None:
+            nu = nu @ rotation_b**2
+        return AdamSlot(slot.mu, nu)

@@ -13,9 +13,9 @@ static :class:`Config`; stacked blocks (``spec.stack``: lifted copies of a layer
 groups) are mapped over.
 """
 
-import functools
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from ekfac_optax import _blocks, _eigenbasis, _factors, _scalings
@@ -96,30 +96,47 @@ def new_bases(specs, blocks, h, mesh, config: Config):
         eigvals_a, basis_a = pairs.get((path, "a"), (block.factor_a, None))
         eigvals_b, basis_b = pairs.get((path, "b"), (block.factor_b, None))
         positions = _positions(spec, h[path], config)
-        kfac = functools.partial(_scalings.kfac_scalings, positions=positions)
+        old_a = getattr(block, "basis_a", None)
+
+        def restart(
+            slot, eigvals_a, eigvals_b, old_a, basis_a, old_b, basis_b, positions=positions
+        ):
+            kfac = _scalings.kfac_scalings(eigvals_a, eigvals_b, positions)
+            rotations = [
+                None if new is None else old.T @ new
+                for old, new in ((old_a, basis_a), (old_b, basis_b))
+            ]
+            return config.rule.restart(slot, kfac, *rotations)
+
         new = dict(eigvals_a=eigvals_a, eigvals_b=eigvals_b, basis_b=basis_b)
         if spec.block == "kronecker":
-            kfac, new["basis_a"] = _stacked(kfac, spec), basis_a
-        scalings = config.rule.restart(block.scalings, kfac(eigvals_a, eigvals_b))
-        out[path] = block._replace(scalings=scalings, **new)
+            new["basis_a"] = basis_a
+        slot = _stacked(restart, spec)(
+            block.scalings, eigvals_a, eigvals_b, old_a, basis_a, block.basis_b, basis_b
+        )
+        out[path] = block._replace(scalings=slot, **new)
     return out
 
 
-def _kfe_scalings(block, grad_kfe, batch, n, count, positions, config: Config):
-    """The scalings of the configured rule; ``batch()`` computes this batch's ``s*``."""
+def _kfe_step(block, grad, basis_a, batch, n, count, damping, positions, config: Config):
+    """``(update in the KFE, new slot)`` of the configured rule for one Kronecker or embedding
+    block; ``batch()`` computes this batch's ``s*``."""
+
+    def to_kfe(matrix):
+        return _eigenbasis.to_eigenbasis(matrix, basis_a, block.basis_b)
 
     def kfac():
         return _scalings.kfac_scalings(block.eigvals_a, block.eigvals_b, positions)
 
-    context = _scalings.Context(grad_kfe, batch, kfac, n, count)
-    return config.rule.kfe(block.scalings, context)
+    def divide(scalings):
+        denominator = _scalings.damped(
+            scalings, damping, block.eigvals_a, block.eigvals_b, positions, config.damping_mode
+        )
+        return _scalings.divide(grad_kfe, denominator, damping)
 
-
-def _divide(grad_kfe, scalings, block, damping, positions, config: Config):
-    denominator = _scalings.damped(
-        scalings, damping, block.eigvals_a, block.eigvals_b, positions, config.damping_mode
-    )
-    return _scalings.divide(grad_kfe, denominator, damping)
+    grad_kfe = to_kfe(grad)
+    context = _scalings.Context(grad_kfe, batch, kfac, n, count, grad, to_kfe)
+    return config.rule.step(block.scalings, context, divide)
 
 
 def precondition(spec, block, grad, h, delta, n, count, damping, config: Config, attend=None):
@@ -127,20 +144,18 @@ def precondition(spec, block, grad, h, delta, n, count, damping, config: Config,
     tied embedding's attend calls' ``(h, delta)``)."""
     if spec.block == "diagonal":
 
-        def one_diagonal(scalings, grad, h, delta):
+        def one_diagonal(slot, grad, h, delta):
             def batch():
                 per_example = _scalings.scale_and_shift_grads(h, delta, spec.names)
                 return jnp.mean(per_example**2, axis=0)
 
-            context = _scalings.Context(grad, batch, None, n, count)
-            return config.rule.diagonal(scalings, context)
+            context = _scalings.Context(grad, batch, None, n, count, grad, _scalings._identity)
+            return config.rule.diagonal_step(slot, context, damping)
 
-        scalings = _stacked(one_diagonal, spec)(block.scalings, grad, h, delta)
-        update = _scalings.divide(grad, scalings + jnp.asarray(damping, grad.dtype), damping)
-        return update, block._replace(scalings=scalings)
+        update, slot = _stacked(one_diagonal, spec)(block.scalings, grad, h, delta)
+        return update, block._replace(scalings=slot)
     positions = _positions(spec, h, config)
     if spec.block == "embed":
-        grad_kfe = _eigenbasis.to_eigenbasis(grad, None, block.basis_b)
 
         def batch():
             delta_kfe = _eigenbasis.outputs_to_eigenbasis(delta, block.basis_b)
@@ -152,25 +167,23 @@ def precondition(spec, block, grad, h, delta, n, count, damping, config: Config,
                 )
             return _scalings.embedding_batch_scalings(h, delta_kfe, spec.d_in)
 
-        scalings = _kfe_scalings(block, grad_kfe, batch, n, count, positions, config)
-        divided = _divide(grad_kfe, scalings, block, damping, positions, config)
+        divided, slot = _kfe_step(block, grad, None, batch, n, count, damping, positions, config)
         update = _eigenbasis.from_eigenbasis(divided, None, block.basis_b)
-        return update, block._replace(scalings=scalings)
+        return update, block._replace(scalings=slot)
 
     def one(block, grad, h, delta):
-        grad_kfe = _eigenbasis.to_eigenbasis(grad, block.basis_a, block.basis_b)
-
         def batch():
             h_kfe = _eigenbasis.inputs_to_eigenbasis(h, block.basis_a, spec.has_bias)
             delta_kfe = _eigenbasis.outputs_to_eigenbasis(delta, block.basis_b)
             return _scalings.batch_scalings(h_kfe, delta_kfe)
 
-        scalings = _kfe_scalings(block, grad_kfe, batch, n, count, positions, config)
-        divided = _divide(grad_kfe, scalings, block, damping, positions, config)
-        return _eigenbasis.from_eigenbasis(divided, block.basis_a, block.basis_b), scalings
+        divided, slot = _kfe_step(
+            block, grad, block.basis_a, batch, n, count, damping, positions, config
+        )
+        return _eigenbasis.from_eigenbasis(divided, block.basis_a, block.basis_b), slot
 
-    update, scalings = _stacked(one, spec)(block, grad, h, delta)
-    return update, block._replace(scalings=scalings)
+    update, slot = _stacked(one, spec)(block, grad, h, delta)
+    return update, block._replace(scalings=slot)
 
 
 def fallback(leaves, state, n, count, damping, config: Config):
@@ -178,9 +191,7 @@ def fallback(leaves, state, n, count, damping, config: Config):
     of ``N g²``; ``(updates, new state)`` keyed by parameter path."""
     updates, new_state = {}, {}
     for path, grad in leaves.items():
-        g = grad.astype(state[path].dtype)
-        scalings = config.rule.fallback(state[path], g, n, count)
-        new_state[path] = scalings
-        divided = _scalings.divide(g, scalings + jnp.asarray(damping, g.dtype), damping)
+        g = grad.astype(jax.tree.leaves(state[path])[0].dtype)
+        divided, new_state[path] = config.rule.fallback_step(state[path], g, n, count, damping)
         updates[path] = divided.astype(grad.dtype)
     return updates, new_state

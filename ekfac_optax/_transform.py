@@ -117,10 +117,10 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
 
 
-def _init_block(spec: _blocks.BlockSpec) -> BlockState | EmbedState | DiagonalState:
+def _init_block(spec: _blocks.BlockSpec, rule: _scalings.ScalingRule):
     a, b, dtype, stack = spec.d_in_aug, spec.d_out, spec.dtype, spec.stack
     if spec.block == "diagonal":
-        return DiagonalState(scalings=jnp.zeros((*stack, b), dtype))
+        return DiagonalState(scalings=rule.init((*stack, b), dtype))
 
     def side(d: int, diagonal: bool):
         """``(factor, eigvals, basis)`` of one side: a ``(d,)`` diagonal and no basis, or a
@@ -132,7 +132,7 @@ def _init_block(spec: _blocks.BlockSpec) -> BlockState | EmbedState | DiagonalSt
 
     factor_a, eigvals_a, basis_a = side(a, spec.diagonal_a)
     factor_b, eigvals_b, basis_b = side(b, spec.diagonal_b)
-    scalings = jnp.zeros((*stack, a, b), dtype)
+    scalings = rule.init((*stack, a, b), dtype)
     if spec.block == "embed":
         return EmbedState(factor_a, factor_b, eigvals_a, eigvals_b, basis_b, scalings)
     return BlockState(factor_a, factor_b, eigvals_a, basis_a, eigvals_b, basis_b, scalings)
@@ -173,9 +173,11 @@ def _scale_by_kfe(
         return ScaleByEkfacState(
             count=jnp.zeros([], jnp.int32),
             skipped=jnp.zeros([], jnp.int32),
-            blocks={path: _init_block(spec) for path, spec in blocks.items()},
+            blocks={path: _init_block(spec, config.rule) for path, spec in blocks.items()},
             fallback={
-                path: jnp.zeros(jnp.shape(leaf), _blocks.curvature_dtype(jnp.result_type(leaf)))
+                path: config.rule.init(
+                    jnp.shape(leaf), _blocks.curvature_dtype(jnp.result_type(leaf))
+                )
                 for path, leaf in leaves.items()
             },
         )
@@ -470,3 +472,80 @@ def scale_by_kfac(
     return _scale_by_kfe(
         blocks, damping, basis_update_every, config, fallback, mesh, max_factor_dim
     )
+
+
+def scale_by_kfe_adam(
+    *,
+    blocks: Mapping[str, _blocks.BlockSpec],
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    basis_update_every: jax.typing.ArrayLike = 20,
+    factor_decay: jax.typing.ArrayLike = 0.95,
+    weight_sharing: _factors.WeightSharing = "expand",
+    fallback: Fallback = "diagonal",
+    mesh: Mesh | None = None,
+    max_factor_dim: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adam in the Kronecker-factored eigenbasis (KFE-Adam).
+
+    Per Kronecker block, with ``g̃ = U_Aᵀ g U_B`` in the eigenbasis of the factors
+    ``A = E[h_aug h_augᵀ]`` and ``B = E[delta deltaᵀ]`` (as :func:`scale_by_ekfac`
+    estimates and refreshes them) and ``k`` the update's number from 1:
+
+    .. math::
+      \mu \leftarrow \beta_1 \mu + (1 - \beta_1) g, \quad
+      \nu \leftarrow \beta_2 \nu + (1 - \beta_2) \tilde g^2, \quad
+      U_A \left[ \frac{U_A^\top \mu U_B / (1 - \beta_1^k)}
+      {\sqrt{\nu / (1 - \beta_2^k)} + \epsilon} \right] U_B^\top
+
+    Between basis updates this is exactly ``optax.adam`` on the rotated gradients ``g̃``: the
+    paper's proposed future work (Adam/RMSProp in the KFE), and SOAP's update with the KFE of the
+    layer's activations and back-propagated gradients in place of Shampoo's gradient
+    statistics. At a basis change ``mu`` (kept in the layer's own coordinates) is unchanged and
+    ``nu`` is re-projected onto the new basis: ``nu ← (R_A²)ᵀ nu R_B²`` with ``R = U_oldᵀ U_new``
+    squared elementwise, the diagonal of the old second-moment matrix in the new basis (exact
+    for an unchanged basis, so a refresh that finds the same basis changes nothing). An
+    embedding's vocabulary side and sides above ``max_factor_dim`` have the identity basis;
+    diagonal blocks (norm scales and shifts) and, with ``fallback="diagonal"``, every parameter
+    in no block run plain Adam on their coordinates, so the whole model is one optimizer.
+    There is no damping: ``eps`` plays its role, as in Adam.
+
+    Args:
+      blocks: the model's blocks, ``ek.find_blocks(loss_fn, params, *batch)``.
+      b1: decay of the first moment, in ``[0, 1)``.
+      b2: decay of the second moment, in ``[0, 1)``.
+      eps: ``>= 0``, added to ``√ν̂``.
+      basis_update_every, factor_decay, weight_sharing, mesh, max_factor_dim: see
+        :func:`scale_by_ekfac`.
+      fallback: ``"diagonal"`` (Adam on the parameters in no block) or ``"identity"``.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes the keyword-only
+      argument ``stats``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
+      >>> import ekfac_optax as ek
+      >>> model = nn.Sequential([nn.Dense(8), nn.LayerNorm(), nn.Dense(3)])
+      >>> x, y = jnp.ones((8, 4)), jnp.zeros((8,), jnp.int32)
+      >>> params = model.init(jax.random.key(0), x)["params"]
+      >>> def loss_fn(params, x, y):
+      ...     logits = model.apply({"params": params}, x)
+      ...     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      >>> tx = ek.scale_by_kfe_adam(blocks=ek.find_blocks(loss_fn, params, x, y))
+      >>> state = tx.init(params)
+      >>> loss, grads, stats = ek.value_grad_and_stats(loss_fn)(params, x, y)
+      >>> updates, state = tx.update(grads, state, params, stats=stats)
+      >>> type(state.blocks["layers_0"].scalings).__name__
+      'AdamSlot'
+
+    References:
+      George et al., Fast Approximate Natural Gradient Descent in a Kronecker-factored
+      Eigenbasis, NeurIPS 2018 (conclusion: Adam/RMSProp in the KFE).
+      Vyas et al., SOAP: Improving and Stabilizing Shampoo using Adam, ICLR 2025.
+      Kingma & Ba, Adam: A Method for Stochastic Optimization, ICLR 2015.
+    """
+    rule = _scalings.AdamScaling(b1=b1, b2=b2, eps=eps)
+    config = _stages.Config(rule, factor_decay, "tikhonov", weight_sharing)
+    return _scale_by_kfe(blocks, 0.0, basis_update_every, config, fallback, mesh, max_factor_dim)

@@ -62,6 +62,12 @@ def check_blocks(blocks: Any) -> dict[str, _blocks.BlockSpec]:
     return dict(sorted(blocks.items()))
 
 
+def _slot_shape(slot: Any) -> tuple[int, ...] | None:
+    """The shape of a rule's slot (every array of a slot has the block's shape)."""
+    shapes = {tuple(leaf.shape) for leaf in jax.tree.leaves(slot)}
+    return shapes.pop() if len(shapes) == 1 else None
+
+
 def _expected_state_shape(spec: _blocks.BlockSpec) -> tuple[int, ...]:
     if spec.block == "diagonal":
         return (*spec.stack, spec.d_out)
@@ -90,9 +96,10 @@ def check_update(
             f"only in state {sorted(set(state.blocks) - set(blocks))}"
         )
     wrong = {
-        path: f"state {state.blocks[path].scalings.shape}, expected {_expected_state_shape(s)}"
+        path: f"state {_slot_shape(state.blocks[path].scalings)}, expected "
+        f"{_expected_state_shape(s)}"
         for path, s in blocks.items()
-        if state.blocks[path].scalings.shape != _expected_state_shape(s)
+        if _slot_shape(state.blocks[path].scalings) != _expected_state_shape(s)
     }
     # Same layer shapes, other factor shapes: a state built with another max_factor_dim.
     wrong.update(
@@ -116,7 +123,7 @@ def check_update(
             | {
                 p
                 for p in set(leaves) & set(state.fallback)
-                if jnp.shape(leaves[p]) != state.fallback[p].shape
+                if jnp.shape(leaves[p]) != _slot_shape(state.fallback[p])
             }
         )
         if differ:
@@ -125,7 +132,7 @@ def check_update(
                 f"optimizer state's fallback: {differ}"
             )
     return {
-        path: dataclasses.replace(spec, dtype=state.blocks[path].scalings.dtype)
+        path: dataclasses.replace(spec, dtype=jax.tree.leaves(state.blocks[path].scalings)[0].dtype)
         for path, spec in blocks.items()
     }
 
