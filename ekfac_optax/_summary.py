@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ekfac_optax import _blocks, _transform
+from ekfac_optax import _blocks, _scalings, _transform
 
 
 class ParameterRow(NamedTuple):
@@ -57,6 +57,8 @@ def summary(
     blocks: Mapping[str, _blocks.BlockSpec],
     fallback: str = "diagonal",
     max_factor_dim: int | None = None,
+    *,
+    tx: Any = None,
 ) -> Summary:
     """How each parameter is preconditioned and the state it costs, as named fields.
 
@@ -67,6 +69,10 @@ def summary(
       fallback: the preconditioner's ``fallback`` argument.
       max_factor_dim: the preconditioner's ``max_factor_dim`` (``None``: its default,
         4096): a block's factor sides above it are diagonal, and so is their state.
+      tx: the optimizer itself (any chain holding one of this library's preconditioners,
+        e.g. ``ek.kfe_adam(...)``, whose per-block state is twice EKFAC's); its ``init``
+        gives the state bytes (``None``: ``scale_by_ekfac`` with ``fallback`` and
+        ``max_factor_dim``). The total is the whole chain's state.
 
     Returns:
       A :class:`Summary`: a row per parameter, the parameters' and the state's bytes.
@@ -91,10 +97,20 @@ def summary(
     params = _blocks.as_arrays(params)
     _blocks.check_params(params, blocks, "summarize")
     capped = _blocks.with_cap(blocks, max_factor_dim)
-    tx = _transform.scale_by_ekfac(blocks=blocks, fallback=fallback, max_factor_dim=max_factor_dim)
-    state = jax.eval_shape(tx.init, params)
+    if tx is None:
+        tx = _transform.scale_by_ekfac(
+            blocks=blocks, fallback=fallback, max_factor_dim=max_factor_dim
+        )
+    whole = jax.eval_shape(tx.init, params)
+    state = _preconditioner_state(whole)
+    adam = any(
+        isinstance(node, _scalings.AdamSlot)
+        for node in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, _scalings.AdamSlot))
+    )
     how_else = {
-        "diagonal": "diagonal fallback (running N g², {})",
+        "diagonal": "diagonal fallback (Adam, {})"
+        if adam
+        else "diagonal fallback (running N g², {})",
         "identity": "identity (fallback='identity': not preconditioned, {})",
     }[fallback]
     reasons = getattr(blocks, "reasons", {})
@@ -112,7 +128,18 @@ def summary(
             how, state_bytes = how_else.format(why), _bytes(state.fallback.get(path))
         shape = tuple(jnp.shape(leaf))
         rows.append(ParameterRow(path, shape, how, _bytes(leaf), state_bytes))
-    return Summary(tuple(rows), _bytes(params), _bytes(state))
+    return Summary(tuple(rows), _bytes(params), _bytes(whole))
+
+
+def _preconditioner_state(state: Any) -> Any:
+    """The first :class:`ScaleByEkfacState` in an optimizer's state, or a TypeError."""
+    is_ours = lambda x: isinstance(x, _transform.ScaleByEkfacState)  # noqa: E731
+    for node in jax.tree.leaves(state, is_leaf=is_ours):
+        if is_ours(node):
+            return node
+    raise TypeError(
+        "summary: tx holds no preconditioner of ekfac_optax (no ScaleByEkfacState in its state)"
+    )
 
 
 def _human(n: int) -> str:
@@ -128,11 +155,13 @@ def summarize(
     blocks: Mapping[str, _blocks.BlockSpec],
     fallback: str = "diagonal",
     max_factor_dim: int | None = None,
+    *,
+    tx: Any = None,
 ) -> str:
     """A readable table of how each parameter is preconditioned and what its state costs.
 
     Args:
-      params, blocks, fallback, max_factor_dim: as for :func:`summary`.
+      params, blocks, fallback, max_factor_dim, tx: as for :func:`summary`.
 
     Returns:
       A multi-line string: one row per parameter with its path, shape, bytes, the bytes of
@@ -140,7 +169,7 @@ def summarize(
       size, layer, kind, capped factor sides) or the fallback; then the totals, the state's
       as a multiple of the parameters'. :func:`summary` gives the same as named fields.
     """
-    info = summary(params, blocks, fallback, max_factor_dim)
+    info = summary(params, blocks, fallback, max_factor_dim, tx=tx)
     rows = [("parameter", "shape", "params", "state", "preconditioning")]
     rows += [
         (

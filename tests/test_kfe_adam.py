@@ -252,3 +252,28 @@ def test_momentum_for_ekfac_is_a_trace_of_the_preconditioned_updates():
         m, state_chained = chained.update(grads, state_chained, params, stats=stats)
         momentum = u if momentum is None else jax.tree.map(lambda a, b: 0.9 * a + b, momentum, u)
         assert_trees_close(m, momentum, f"step {k}", rtol=1e-12)
+
+
+def test_summary_of_kfe_adam_counts_its_two_moments():
+    """``ek.summary(..., tx=ek.kfe_adam(...))``: each block's state bytes are those of its
+    ``init`` (factors, bases and the two moments) and the total that of the whole chain's state;
+    EKFAC's summary of the same model is smaller by one moment per weight; a chain without a
+    preconditioner of ours is a TypeError."""
+    x, y = normal_batch(3, (8, 4), (8,), classes=3)
+    params = init_params(Net(), x)
+    blocks = ek.find_blocks(loss_fn, params, x, y)
+    tx = ek.kfe_adam(1e-2, blocks=blocks)
+    state = tx.init(params)
+    info = ek.summary(params, blocks, tx=tx)
+
+    def nbytes(tree):
+        return sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+
+    assert info.state_bytes == nbytes(state)
+    rows = {row.path: row for row in info.rows}
+    assert rows["hidden/bias"].state_bytes == nbytes(state[0].blocks["hidden"])
+    # One more array of each parameter's size (every parameter is in a block; float64).
+    assert info.state_bytes - ek.summary(params, blocks).state_bytes == info.param_bytes
+    assert "Adam" not in ek.summarize(params, blocks)
+    with pytest.raises(TypeError, match="no ScaleByEkfacState"):
+        ek.summary(params, blocks, tx=optax.adam(1e-3))
