@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from ekfac_optax._factors import debiased_ema
 from ekfac_optax._validation import concrete as concrete_number
 
-DampingMode = Literal["tikhonov", "factored"]
+DampingMode = Literal["tikhonov", "factored", "relative"]
 ScalingName = Literal["batch", "running"]  # scale_by_ekfac's rules by name
 
 
@@ -211,14 +211,28 @@ def damped(
     ``"tikhonov"``: ``s + ε``, i.e. ``(F̂ + ε I)⁻¹`` for the EKFAC/KFAC Fisher ``F̂``.
     ``"factored"`` (the paper's Appendix C): ``s + ε + √ε (T S_A ⊕ S_B)``; for
     KFAC's ``s = T S_A ⊗ S_B`` this is exactly ``((T A + √ε I) ⊗ (B + √ε I))⁻¹``.
+    ``"relative"``: ``s + ε · mean(s)`` (:func:`diagonal_damped`).
     """
     damping = jnp.asarray(damping, scalings.dtype)
-    if mode == "tikhonov":
-        return scalings + damping
+    if mode in ("tikhonov", "relative"):
+        return diagonal_damped(scalings, damping, mode)
     if mode == "factored":
         root = jnp.sqrt(damping)
         return scalings + damping + root * (positions * eigvals_a[:, None] + eigvals_b[None, :])
     raise ValueError(f"damping_mode must be 'tikhonov' or 'factored', got {mode!r}")
+
+
+def diagonal_damped(scalings: jax.Array, damping, mode: DampingMode) -> jax.Array:
+    """The denominator ``s + ε`` of a diagonal block or fallback parameter (``"tikhonov"``,
+    ``"factored"``); with ``"relative"``, ``s + ε · mean(s)``: ``ε`` is a fraction of the
+    block's (or parameter's) mean scaling, as kronfluence's damping ``0.1 × mean eigenvalue``,
+    so that one value fits layers whose curvature differs by orders of magnitude. The mean is
+    over the block's own scalings (each member of a stacked block its own); a block whose
+    scalings are all zero gets no step."""
+    damping = jnp.asarray(damping, scalings.dtype)
+    if mode == "relative":
+        return scalings + damping * jnp.mean(scalings)
+    return scalings + damping
 
 
 def divide(grad_kfe: jax.Array, denominator: jax.Array, damping) -> jax.Array:
@@ -291,16 +305,17 @@ class ScalingRule:
         scalings = self.kfe(slot, context)
         return divide(scalings), scalings
 
-    def diagonal_step(self, slot: Any, context: Context, damping) -> tuple[jax.Array, Any]:
-        """``(update, new slot)`` of a diagonal block: ``g / (s + damping)``."""
+    def diagonal_step(self, slot: Any, context: Context, damping, mode: DampingMode):
+        """``(update, new slot)`` of a diagonal block: ``g / (s + damping)``
+        (:func:`diagonal_damped`)."""
         scalings = self.diagonal(slot, context)
-        grad = context.grad_kfe
-        return divide(grad, scalings + jnp.asarray(damping, grad.dtype), damping), scalings
+        denominator = diagonal_damped(scalings, damping, mode)
+        return divide(context.grad_kfe, denominator, damping), scalings
 
-    def fallback_step(self, slot: Any, grad: jax.Array, n: int, count, damping):
+    def fallback_step(self, slot: Any, grad: jax.Array, n: int, count, damping, mode):
         """``(update, new slot)`` of a parameter in no block: ``g / (s + damping)``."""
         scalings = self.fallback(slot, grad, n, count)
-        return divide(grad, scalings + jnp.asarray(damping, grad.dtype), damping), scalings
+        return divide(grad, diagonal_damped(scalings, damping, mode), damping), scalings
 
     def restart(self, slot: Any, kfac: jax.Array, rotation_a, rotation_b) -> Any:
         """The slot after a basis change, from KFAC's eigenvalues in the new basis (the
@@ -454,12 +469,12 @@ class AdamScaling(ScalingRule):
         del divide
         return self._adam(slot, context.grad, context.grad_kfe, context.to_kfe, context.count)
 
-    def diagonal_step(self, slot, context, damping):
-        del damping
+    def diagonal_step(self, slot, context, damping, mode):
+        del damping, mode
         return self._adam(slot, context.grad, context.grad, _identity, context.count)
 
-    def fallback_step(self, slot, grad, n, count, damping):
-        del n, damping
+    def fallback_step(self, slot, grad, n, count, damping, mode):
+        del n, damping, mode
         return self._adam(slot, grad, grad, _identity, count)
 
     def restart(self, slot, kfac, rotation_a, rotation_b):

@@ -150,7 +150,7 @@ def precondition(spec, block, grad, h, delta, n, count, damping, config: Config,
                 return jnp.mean(per_example**2, axis=0)
 
             context = _scalings.Context(grad, batch, None, n, count, grad, _scalings._identity)
-            return config.rule.diagonal_step(slot, context, damping)
+            return config.rule.diagonal_step(slot, context, damping, config.damping_mode)
 
         update, slot = _stacked(one_diagonal, spec)(block.scalings, grad, h, delta)
         return update, block._replace(scalings=slot)
@@ -192,6 +192,8 @@ def fallback(leaves, state, n, count, damping, config: Config):
     updates, new_state = {}, {}
     for path, grad in leaves.items():
         g = grad.astype(jax.tree.leaves(state[path])[0].dtype)
-        divided, new_state[path] = config.rule.fallback_step(state[path], g, n, count, damping)
+        divided, new_state[path] = config.rule.fallback_step(
+            state[path], g, n, count, damping, config.damping_mode
+        )
         updates[path] = divided.astype(grad.dtype)
     return updates, new_state

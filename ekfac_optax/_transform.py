@@ -162,7 +162,16 @@ def _scale_by_kfe(
         raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
     _validation.check_hyperparameters(damping, basis_update_every, config.factor_decay)
     config.rule.check()
-    _validation.check_choice("damping_mode", config.damping_mode, ("tikhonov", "factored"))
+    _validation.check_choice(
+        "damping_mode", config.damping_mode, ("tikhonov", "factored", "relative")
+    )
+    if config.damping_mode == "relative":
+        value = _validation.concrete("damping", damping)
+        if value is not None and not value > 0:
+            raise ValueError(
+                "damping must be > 0 with damping_mode='relative' (a fraction of each block's "
+                f"mean scaling), got {damping}"
+            )
     _validation.check_choice("weight_sharing", config.weight_sharing, ("expand", "reduce"))
     _validation.check_choice("fallback", fallback, ("diagonal", "identity"))
 
@@ -347,9 +356,12 @@ def scale_by_ekfac(
       scaling: ``"batch"`` (EKFAC) or ``"running"`` (EKFAC-ra).
       scaling_decay: decay of the running averages (``scaling="running"``, the
         fallback), in ``[0, 1)``.
-      damping_mode: ``"tikhonov"`` (``s + ε``) or ``"factored"``
+      damping_mode: ``"tikhonov"`` (``s + ε``), ``"factored"``
         (``s + ε + √ε (T S_A ⊕ S_B)``, the paper's Appendix C; diagonal blocks
-        and the fallback always use ``s + ε``).
+        and the fallback use ``s + ε``) or ``"relative"`` (``s + ε · mean(s)`` per block,
+        diagonal blocks and fallback parameters included: ``ε > 0`` is a fraction of each
+        block's mean scaling, as kronfluence's ``0.1 × mean eigenvalue``, so that one value
+        fits layers whose curvature differs by orders of magnitude).
       weight_sharing: how the factors of a layer with several positions per
         example (conv, sequence axes, repeated calls) are estimated:
         ``"expand"`` (every position a sample; KFAC's block ``T A ⊗ B``) or
@@ -449,7 +461,8 @@ def scale_by_kfac(
       basis_update_every: recompute the eigendecomposition every this many updates.
       factor_decay: decay of the moving averages of ``A`` and ``B`` (and of the
         diagonal blocks and fallback), in ``[0, 1)``.
-      damping_mode: ``"tikhonov"`` or ``"factored"``.
+      damping_mode: ``"tikhonov"``, ``"factored"`` or ``"relative"`` (``ε · mean(s)`` per block);
+        see :func:`scale_by_ekfac`.
       weight_sharing: ``"expand"`` or ``"reduce"``; see :func:`scale_by_ekfac`.
       fallback: ``"diagonal"`` or ``"identity"``, for the parameters in no block.
       mesh: devices to spread the eigendecompositions over; see

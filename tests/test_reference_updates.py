@@ -365,3 +365,55 @@ def test_max_factor_dim_must_be_a_positive_integer():
     static = optax.inject_hyperparams(ek.ekfac, static_args="max_factor_dim")
     state = static(0.1, blocks=blocks, max_factor_dim=4).init(ref.PROBLEMS["mlp"].params)
     assert state.inner_state[0].blocks["Dense_0"].basis_b is None  # 6 x 7: output side capped
+
+
+# --- damping_mode="relative": a fraction of each block's mean scaling ----------------------------
+
+
+@pytest.mark.parametrize("method", ["ekfac", "kfac"])
+def test_relative_damping_is_tikhonov_with_each_blocks_mean_scaling(first_updates, method):
+    """``damping_mode="relative"`` with ``λ = 0.1`` is the Tikhonov update of each layer with
+    its own ``ε = λ · mean(s)``, computed here without an eigendecomposition (the mean of the
+    scalings does not depend on the basis): EKFAC's ``mean(s*) = mean_n ||G_n||² / (a b)``,
+    KFAC's ``mean(T S_A ⊗ S_B) = T tr(A) tr(B) / (a b)``. Layers whose curvature differs get
+    different ``ε`` (asserted), so the comparison is not the absolute damping's."""
+    problem, _ = first_updates
+    fraction = 0.1
+    blocks = problem_blocks(problem)
+    tx = make_tx(method, blocks=blocks, damping=fraction, factor_decay=0.0, damping_mode="relative")
+    step = library_step(tx, problem.loss_fn)
+    updates, _ = step(problem.params, tx.init(problem.params), *problem.data)
+    dampings = {}
+    for path, layer in problem.layers.items():
+        a, b = layer.grad.shape
+        if method == "ekfac":
+            mean = np.mean(np.sum(layer.per_example**2, axis=(1, 2))) / (a * b)
+            matrix = ref.ekfac_matrix(
+                layer.per_example,
+                layer.factor_a,
+                layer.factor_b,
+                layer.positions,
+                fraction * mean,
+                "tikhonov",
+            )
+        else:
+            mean = layer.positions * np.trace(layer.factor_a) * np.trace(layer.factor_b) / (a * b)
+            matrix = ref.kfac_matrix(
+                layer.factor_a, layer.factor_b, layer.positions, fraction * mean, "tikhonov"
+            )
+        dampings[path] = fraction * mean
+        expected = ref.solve(matrix, layer.grad)
+        assert ref.relative_error(ref.block_matrix(updates[path]), expected) < RTOL, path
+    if len(dampings) > 1:
+        values = sorted(dampings.values())
+        assert values[-1] > 1.5 * values[0], dampings
+
+
+def test_relative_damping_must_be_positive():
+    problem = ref.PROBLEMS[sorted(ref.PROBLEMS)[0]]
+    blocks = problem_blocks(problem)
+    with pytest.raises(ValueError, match="damping must be > 0 with damping_mode='relative'"):
+        ek.scale_by_ekfac(blocks=blocks, damping=0.0, damping_mode="relative")
+    with pytest.raises(ValueError, match="damping must be >= 0, got -0.1"):
+        ek.scale_by_kfac(blocks=blocks, damping=-0.1, damping_mode="relative")
+    ek.scale_by_kfac(blocks=blocks, damping=optax.constant_schedule(0.1), damping_mode="relative")
