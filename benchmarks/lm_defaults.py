@@ -34,7 +34,7 @@ import optax
 
 import ekfac_optax as ek
 from benchmarks._common import base_parser, machine_info
-from benchmarks.modern_lm import DecoderLM, make_loss
+from benchmarks.modern_lm import DecoderLM, make_loss, make_step
 
 FULL = dict(vocab=8192, width=64, heads=4, layers=2, seq=32, batch=16, steps=200)
 QUICK = dict(vocab=256, width=32, heads=2, layers=1, seq=16, batch=8, steps=12)
@@ -76,25 +76,6 @@ def make_tx(method: str, lr: float, blocks: dict):
     return ek.ekfac(lr, blocks=blocks, scaling="running", damping=0.1, damping_mode="relative")
 
 
-def make_step(method: str, loss_fn, tx):
-    if method == "AdamW":
-
-        def step(params, state, ids, labels):
-            loss, grads = jax.value_and_grad(loss_fn)(params, ids, labels)
-            updates, state = tx.update(grads, state, params)
-            return optax.apply_updates(params, updates), state, loss
-
-    else:
-        capture = ek.value_grad_and_stats(loss_fn)
-
-        def step(params, state, ids, labels):
-            loss, grads, stats = capture(params, ids, labels)
-            updates, state = tx.update(grads, state, params, stats=stats)
-            return optax.apply_updates(params, updates), state, loss
-
-    return jax.jit(step)
-
-
 def running(losses: list[float]) -> np.ndarray:
     return np.convolve(losses, np.ones(WINDOW) / WINDOW, mode="valid")
 
@@ -113,7 +94,7 @@ def main(argv=None) -> dict:
     for method, grid in GRIDS.items():
         for lr in grid:
             tx = make_tx(method, lr, blocks)
-            step = make_step(method, loss_fn, tx)
+            step = make_step(method, loss_fn, tx, donate=False)
             params, state = params0, tx.init(params0)
             params, state, _ = step(params, state, *data[0])  # compile; restarted below
             runs.append(

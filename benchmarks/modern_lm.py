@@ -132,7 +132,10 @@ def make_tx(method: str, blocks: dict) -> optax.GradientTransformation:
     )
 
 
-def make_step(method: str, loss_fn, tx):
+def make_step(method: str, loss_fn, tx, donate: bool = True):
+    """The jitted train step of ``method`` (AdamW: plain gradients; ours: with the stats);
+    ``donate`` donates the params and state (the timed loops), off when a run restarts from
+    shared initial params."""
     if method == "AdamW":
         grad_fn = jax.value_and_grad(loss_fn)
 
@@ -149,7 +152,7 @@ def make_step(method: str, loss_fn, tx):
             updates, state = tx.update(grads, state, params, stats=stats)
             return optax.apply_updates(params, updates), state, loss
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
 def nbytes(tree: Any) -> int:
