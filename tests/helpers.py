@@ -217,3 +217,40 @@ def user_environment() -> dict[str, str]:
         env["XLA_FLAGS"] = " ".join(flags)
     env.pop("JAX_ENABLE_X64", None)
     return env
+
+
+# --- A small language model of today's style ------------------------------------------------------
+
+LM_VOCAB, LM_WIDTH, LM_HIDDEN = 16, 8, 16
+
+
+class TiedLM(nn.Module):
+    """A small language model of today's style (``test_mixed_precision``, ``test_kfe_adam``):
+    tied embedding, pre-norm GLU block without biases, final RMSNorm, ``attend`` logits."""
+
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        tokens = nn.Embed(LM_VOCAB, LM_WIDTH, name="tokens", **kw)
+        x = tokens(ids)
+        h = nn.RMSNorm(name="norm", **kw)(x)
+        up = nn.Dense(LM_HIDDEN, use_bias=False, name="up", **kw)(h)
+        gate = nn.Dense(LM_HIDDEN, use_bias=False, name="gate", **kw)(h)
+        x = x + nn.Dense(LM_WIDTH, use_bias=False, name="down", **kw)(nn.silu(gate) * up)
+        return tokens.attend(nn.RMSNorm(name="final", **kw)(x))
+
+
+def lm_loss(model):
+    def loss_fn(params, ids, labels):
+        return cross_entropy(model.apply({"params": params}, ids).astype(jnp.float32), labels)
+
+    return loss_fn
+
+
+def lm_token_batch(seed, n=32, t=8):
+    """Ids and the next-token labels ``(id + 1) % LM_VOCAB``: a task the model can learn."""
+    ids = jnp.asarray(np.random.default_rng(seed).integers(0, LM_VOCAB, (n, t)), jnp.int32)
+    return ids, (ids + 1) % LM_VOCAB

@@ -21,7 +21,17 @@ import numpy as np
 import optax
 import pytest
 import reference as ref
-from helpers import assert_trees_close, cross_entropy, init_params, normal_batch, train, train_step
+from helpers import (
+    TiedLM,
+    assert_trees_close,
+    cross_entropy,
+    init_params,
+    lm_loss,
+    lm_token_batch,
+    normal_batch,
+    train,
+    train_step,
+)
 
 import ekfac_optax as ek
 
@@ -212,20 +222,18 @@ def test_kfe_adamw_with_inject_hyperparams_and_a_schedule_trains():
 
 @pytest.mark.parametrize("cap", [None, 8], ids=["uncapped", "capped"])
 def test_kfe_adam_trains_a_tied_language_model_in_bfloat16(cap):
-    """The small language model of ``test_mixed_precision`` (tied embedding, RMSNorm, GLU) in
+    """The small language model of ``helpers`` (tied embedding, RMSNorm, GLU) in
     bfloat16 compute, with every side above ``max_factor_dim`` (``cap``) diagonal: 30 steps of
     ``ek.kfe_adam`` (learning rate 1e-2) lower the next-token loss below 60% of its start, with
     a float32 ``AdamSlot`` on every block and fallback-free model."""
-    from test_mixed_precision import TiedLM, lm_loss, token_batch
-
     model = TiedLM(dtype=jnp.bfloat16)
     loss = lm_loss(model)
-    ids, labels = token_batch(0)
+    ids, labels = lm_token_batch(0)
     params = model.init(jax.random.key(0), ids)["params"]
     blocks = ek.find_blocks(loss, params, ids, labels)
     tx = ek.kfe_adam(1e-2, blocks=blocks, max_factor_dim=cap)
     final, state, losses = train(
-        train_step(loss, tx), params, tx.init(params), [token_batch(s) for s in range(30)]
+        train_step(loss, tx), params, tx.init(params), [lm_token_batch(s) for s in range(30)]
     )
     assert int(state[0].skipped) == 0
     assert losses[-1] < 0.6 * losses[0], (losses[0], losses[-1])

@@ -21,7 +21,6 @@ relative errors, which are larger than the norm-wise one where coordinates are s
 gradient by far more (asserted), so the comparison is not vacuous.
 """
 
-import flax.linen as nn
 import jax
 import jax.extend.core
 import jax.numpy as jnp
@@ -29,43 +28,11 @@ import numpy as np
 import optax
 import pytest
 import reference as ref
-from helpers import METHODS, cross_entropy, stepper, train, train_step, transforms
+from helpers import METHODS, TiedLM, lm_loss, lm_token_batch, stepper, train, train_step, transforms
 
 import ekfac_optax as ek
 
-VOCAB, WIDTH, HIDDEN = 16, 8, 16
 UPDATE_VS_GRAD = 20  # see the module docstring
-
-
-class TiedLM(nn.Module):
-    """Tied embedding, pre-norm GLU block without biases, final RMSNorm, ``attend`` logits."""
-
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, ids):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        tokens = nn.Embed(VOCAB, WIDTH, name="tokens", **kw)
-        x = tokens(ids)
-        h = nn.RMSNorm(name="norm", **kw)(x)
-        up = nn.Dense(HIDDEN, use_bias=False, name="up", **kw)(h)
-        gate = nn.Dense(HIDDEN, use_bias=False, name="gate", **kw)(h)
-        x = x + nn.Dense(WIDTH, use_bias=False, name="down", **kw)(nn.silu(gate) * up)
-        return tokens.attend(nn.RMSNorm(name="final", **kw)(x))
-
-
-def lm_loss(model):
-    def loss_fn(params, ids, labels):
-        return cross_entropy(model.apply({"params": params}, ids).astype(jnp.float32), labels)
-
-    return loss_fn
-
-
-def token_batch(seed, n=32, t=8):
-    """Ids and the next-token labels ``(id + 1) % VOCAB``: a task the model can learn."""
-    ids = jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (n, t)), jnp.int32)
-    return ids, (ids + 1) % VOCAB
 
 
 def flat(tree):
@@ -75,7 +42,7 @@ def flat(tree):
 def bfloat16_run(damping=1e-2, seed=0):
     """``(blocks, params, float32-compute step results, bfloat16-compute step results)``:
     ``stepper``'s ``(updates, states, grads, stats)`` of the three methods' first step."""
-    ids, labels = token_batch(seed)
+    ids, labels = lm_token_batch(seed)
     params = TiedLM().init(jax.random.key(seed), ids)["params"]
     results = []
     for dtype in (jnp.float32, jnp.bfloat16):
@@ -144,10 +111,10 @@ def test_bfloat16_language_model_trains_with_every_method(param_dtype):
     is skipped as non-finite, and the parameters keep their dtype."""
     model = TiedLM(dtype=jnp.bfloat16, param_dtype=param_dtype)
     loss_fn = lm_loss(model)
-    ids, labels = token_batch(0)
+    ids, labels = lm_token_batch(0)
     params = model.init(jax.random.key(0), ids)["params"]
     blocks = ek.find_blocks(loss_fn, params, ids, labels)
-    batches = [token_batch(seed) for seed in range(30)]
+    batches = [lm_token_batch(seed) for seed in range(30)]
     for method, tx in transforms(blocks, damping=1e-2).items():
         tx = optax.chain(tx, optax.scale(-0.1))
         final, state, losses = train(train_step(loss_fn, tx), params, tx.init(params), batches)
