@@ -1,4 +1,4 @@
-"""EKFAC, EKFAC-ra and KFAC as optax gradient transformations.
+"""EKFAC, EKFAC-ra, KFAC and KFE-Adam as optax gradient transformations.
 
 Per Kronecker block (see ``_kinds``) with ``h_aug = [h; 1]`` and output
 gradients ``delta``, the per-example gradient is
@@ -49,7 +49,8 @@ class BlockState(NamedTuple):
       basis_a: ``(a, a)`` eigenvectors ``U_A`` (columns); ``None`` when capped.
       eigvals_b: ``(b,)`` eigenvalues ``S_B`` of ``factor_b``.
       basis_b: ``(b, b)`` eigenvectors ``U_B`` (columns); ``None`` when capped.
-      scalings: ``(a, b)`` the scalings ``s`` of the last update, in the KFE.
+      scalings: ``(a, b)`` the scalings ``s`` of the last update, in the KFE: the rule's slot
+        (KFE-Adam: an :class:`AdamSlot` of two such arrays).
     """
 
     factor_a: jax.Array
@@ -72,7 +73,8 @@ class EmbedState(NamedTuple):
       eigvals_a: ``(v,)`` ``factor_a`` at the last basis update.
       eigvals_b: ``(b,)`` eigenvalues ``S_B`` of ``factor_b``.
       basis_b: ``(b, b)`` eigenvectors ``U_B`` (columns); ``None`` above ``max_factor_dim``.
-      scalings: ``(v, b)`` the scalings ``s`` of the last update, in the KFE.
+      scalings: ``(v, b)`` the scalings ``s`` of the last update, in the KFE (KFE-Adam: an
+        :class:`AdamSlot`).
     """
 
     factor_a: jax.Array
@@ -87,7 +89,8 @@ class DiagonalState(NamedTuple):
     """Curvature of a diagonal block (a normalisation's ``[scale; bias]``, ``P`` scalars).
 
     Attributes:
-      scalings: ``(*stack, P)`` the diagonal ``s`` of the last update.
+      scalings: ``(*stack, P)`` the diagonal ``s`` of the last update (KFE-Adam: an
+        :class:`AdamSlot`).
     """
 
     scalings: jax.Array
@@ -102,7 +105,8 @@ class ScaleByEkfacState(NamedTuple):
       blocks: one :class:`BlockState`, :class:`EmbedState` or :class:`DiagonalState`
         per block, keyed by module path.
       fallback: with ``fallback="diagonal"``, the diagonal ``s`` of each parameter in no
-        block (its shape), keyed by its ``/``-joined parameter path; else empty.
+        block (its shape; KFE-Adam: an :class:`AdamSlot`), keyed by its ``/``-joined parameter
+        path; else empty.
     """
 
     count: jax.Array
