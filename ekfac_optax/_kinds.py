@@ -466,7 +466,8 @@ LOOKUP = "lookup"
 def tied(specs: Sequence[BlockSpec]) -> BlockSpec | str | None:
     """The block of an embedding's calls when some go through ``attend``: one embed block whose
     ``layout`` is each call's role (:data:`LOOKUP` or :data:`ATTEND`), or the reason why there is
-    none; ``None`` when no call is an ``attend``."""
+    none; ``None`` when no call is an ``attend`` or the calls differ in more than their role
+    (the caller's check of calls as different blocks then applies)."""
     roles = tuple(ATTEND if s.layout == ATTEND else LOOKUP for s in specs)
     if ATTEND not in roles:
         return None
@@ -474,7 +475,7 @@ def tied(specs: Sequence[BlockSpec]) -> BlockSpec | str | None:
         return "nn.Embed used only through attend (no lookup call to tie it to)"
     first = dataclasses.replace(specs[0], layout=None)
     if any(dataclasses.replace(s, layout=None) != first for s in specs):
-        return "called as different blocks: " + ", ".join(sorted({s.describe() for s in specs}))
+        return None
     return dataclasses.replace(first, layout=roles)
 
 

@@ -371,21 +371,13 @@ class KfacScaling(ScalingRule):
 
 
 @dataclasses.dataclass(frozen=True)
-class BatchScaling(ScalingRule):
-    """EKFAC (Algorithm 1): ``s = s*`` of this batch's per-example gradients; the fallback
-    averages ``N g²`` with ``scaling_decay``."""
+class _EkfacScaling(ScalingRule):
+    """What EKFAC's two rules share: ``scaling_decay``, the fallback's average of ``N g²``."""
 
     scaling_decay: Any = 0.95
-    name = "batch"
 
     def check(self):
         _check_decay("scaling_decay", self.scaling_decay)
-
-    def kfe(self, s, context):
-        return context.batch()
-
-    def diagonal(self, s, context):
-        return context.batch()
 
     @property
     def fallback_decay(self):
@@ -393,25 +385,31 @@ class BatchScaling(ScalingRule):
 
 
 @dataclasses.dataclass(frozen=True)
-class RunningScaling(ScalingRule):
+class BatchScaling(_EkfacScaling):
+    """EKFAC (Algorithm 1): ``s = s*`` of this batch's per-example gradients; the fallback
+    averages ``N g²`` with ``scaling_decay``."""
+
+    name = "batch"
+
+    def kfe(self, s, context):
+        return context.batch()
+
+    def diagonal(self, s, context):
+        return context.batch()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunningScaling(_EkfacScaling):
     """EKFAC-ra: ``s ← d s + (1 - d) N g̃²`` (:func:`running_scalings`), restarted from KFAC's
     eigenvalues at each basis change; a diagonal block and the fallback average ``N g²``."""
 
-    scaling_decay: Any = 0.95
     name = "running"
-
-    def check(self):
-        _check_decay("scaling_decay", self.scaling_decay)
 
     def kfe(self, s, context):
         return running_scalings(s, context.grad_kfe, context.n, self.scaling_decay)
 
     def diagonal(self, s, context):
         return debiased_ema(s, context.n * context.grad_kfe**2, self.scaling_decay, context.count)
-
-    @property
-    def fallback_decay(self):
-        return self.scaling_decay
 
 
 class AdamSlot(NamedTuple):
