@@ -7,7 +7,10 @@ references in float64.
   hand-written forward passes elsewhere), with distinct eigenvalues so that the basis is unique up
   to signs and order (the update does not depend on either). Diagonal blocks are plain Adam.
   Tolerance ``RTOL = 1e-8`` norm-wise: float64 round-off amplified by ``1 / (√ν̂ + eps)`` over
-  five steps (measured ``<= 1e-12``); KFE-Adam differs from plain Adam by far more (asserted).
+  five steps (measured ``<= 4.9e-9`` relative to each layer's norm, as compared here: Adam's
+  ``g̃ / (√ν̂ + eps)`` is most sensitive at coordinates with ``|g̃|`` near ``eps = 1e-8``, where
+  the eigenbases' ``1e-16 / gap`` differences between numpy and JAX show most; a thin margin);
+  KFE-Adam differs from plain Adam by far more (asserted).
 - A basis change re-projects the second moment: ``diag(Qᵀ M Q)`` of the old second-moment matrix
   ``M`` in the new basis, checked against dense ``np.kron`` matrices; a refresh that finds the
   same basis leaves the trajectory unchanged (a model whose factors do not change).

@@ -8,7 +8,7 @@ blocks, diagonal norm blocks. The curvature is float32 and every curvature produ
 Two checks of the bfloat16-compute update. (1) The library's own handling is exact: the update
 from bfloat16 ``stats`` equals, to float32 round-off, the update from the same stats cast to
 float32 by the test (tolerance ``1e-6``: float32's ``1.2e-7`` amplified by the damped scalings'
-spread; the cast happens before any product, so they agree to ``<= 1e-7``, measured), and every
+spread; the cast happens before any product, so they are identical: error 0.0, measured), and every
 ``dot_general`` of the update runs at ``HIGHEST`` precision (read from its jaxpr: on this CPU the
 default precision is already full float32, so no number could tell). (2) End to end, against the
 float32 model: bfloat16 keeps 8 significant bits (spacing ``2^-8 ≈ 3.9e-3``), and the forward and
