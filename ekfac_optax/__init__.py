@@ -8,6 +8,7 @@ from ekfac_optax._alias import ekfac, kfac, kfe_adam, kfe_adamw
 from ekfac_optax._blocks import Blocks, BlockSpec, block_labels
 from ekfac_optax._capture import LayerStats, find_blocks, value_grad_and_stats
 from ekfac_optax._checkpoint import restore_state, save_state
+from ekfac_optax._graft import GraftState, graft
 from ekfac_optax._scalings import AdamSlot
 from ekfac_optax._summary import ParameterRow, Summary, summarize, summary
 from ekfac_optax._transform import (
@@ -27,6 +28,7 @@ __all__ = [
     "BlockState",
     "DiagonalState",
     "EmbedState",
+    "GraftState",
     "LayerStats",
     "ParameterRow",
     "ScaleByEkfacState",
@@ -34,6 +36,7 @@ __all__ = [
     "block_labels",
     "ekfac",
     "find_blocks",
+    "graft",
     "kfac",
     "kfe_adam",
     "kfe_adamw",

@@ -1,0 +1,123 @@
+"""``ek.graft`` (issue 30 §3, a scale-free learning rate): each parameter's update has the
+direction of one transformation and the norm of another, in float64.
+
+The reference is computed here from the two transformations run side by side on the same
+gradients and stats, and ``d · ‖m‖ / ‖d‖`` formed with numpy per leaf; what the library adds
+(the norms, the zero-direction case, the non-finite guard, extra-argument forwarding) is what is
+checked. ``scale_by_ekfac`` and ``optax.scale_by_adam`` are each tested against their own
+references elsewhere.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from helpers import assert_trees_equal, cross_entropy, init_params, normal_batch, train, train_step
+
+import ekfac_optax as ek
+
+F64 = jnp.float64
+RTOL = 1e-12  # float64: one norm ratio and one product per leaf, round-off only
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.tanh(nn.Dense(6, param_dtype=F64, name="hidden")(x))
+        x = nn.LayerNorm(param_dtype=F64, name="norm")(x)
+        return nn.Dense(3, param_dtype=F64, name="out")(x)
+
+
+def loss_fn(params, x, y):
+    return cross_entropy(Net().apply({"params": params}, x), y)
+
+
+def setup():
+    x, y = normal_batch(3, (32, 4), (32,), classes=3)
+    params = init_params(Net(), x)
+    return params, (x, y), ek.find_blocks(loss_fn, params, x, y)
+
+
+def test_graft_is_the_direction_with_the_magnitudes_norm_per_parameter():
+    """Three jitted steps of ``graft(scale_by_adam, scale_by_ekfac)`` equal, leaf by leaf, the
+    EKFAC update rescaled to the Adam update's Frobenius norm, both run separately on the same
+    gradients and stats; the grafted update is neither of the two."""
+    params, batch, blocks = setup()
+    make_direction = lambda: ek.scale_by_ekfac(blocks=blocks, basis_update_every=2)  # noqa: E731
+    tx = ek.graft(optax.scale_by_adam(), make_direction())
+    adam, ekfac = optax.scale_by_adam(), make_direction()
+    grad_fn = ek.value_grad_and_stats(loss_fn)
+
+    @jax.jit
+    def step(params, states):
+        _, grads, stats = grad_fn(params, *batch)
+        state, adam_state, ekfac_state = states
+        update, state = tx.update(grads, state, params, stats=stats)
+        m, adam_state = adam.update(grads, adam_state, params)
+        d, ekfac_state = ekfac.update(grads, ekfac_state, params, stats=stats)
+        return update, (state, adam_state, ekfac_state), m, d
+
+    states = (tx.init(params), adam.init(params), ekfac.init(params))
+    for k in range(3):
+        update, states, m, d = step(params, states)
+        flat_u, flat_m, flat_d = (jax.tree.leaves(t) for t in (update, m, d))
+        for u, m_leaf, d_leaf in zip(flat_u, flat_m, flat_d, strict=True):
+            m_leaf, d_leaf = np.asarray(m_leaf), np.asarray(d_leaf)
+            expected = d_leaf * np.linalg.norm(m_leaf) / np.linalg.norm(d_leaf)
+            np.testing.assert_allclose(u, expected, rtol=RTOL, atol=0, err_msg=f"step {k}")
+            assert np.linalg.norm(u - m_leaf) > 1e-3 * np.linalg.norm(m_leaf)
+            assert np.linalg.norm(u - d_leaf) > 1e-3 * np.linalg.norm(d_leaf)
+        params = jax.tree.map(lambda p, u: p - 0.05 * u, params, update)
+    # Its states are the two transformations' own.
+    assert_trees_equal(states[0].magnitude, states[1])
+    assert_trees_equal(states[0].direction, states[2])
+
+
+def test_graft_of_a_zero_direction_is_zero_not_nan():
+    """A leaf whose direction is zero (``optax.set_to_zero``) gets a zero update, finite."""
+    params, batch, _ = setup()
+    tx = ek.graft(optax.scale_by_adam(), optax.set_to_zero())
+    updates, _ = tx.update(jax.grad(loss_fn)(params, *batch), tx.init(params))
+    for leaf in jax.tree.leaves(updates):
+        np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+
+
+def test_graft_skips_a_non_finite_step_and_keeps_the_magnitudes_state():
+    """A NaN in the gradient: zero updates, Adam's state (count and moments) as it was, and the
+    EKFAC state guarded by ``scale_by_ekfac`` itself (its own NaN test); the next finite step
+    proceeds."""
+    params, batch, blocks = setup()
+    tx = ek.graft(optax.scale_by_adam(), ek.scale_by_ekfac(blocks=blocks))
+    grad_fn = ek.value_grad_and_stats(loss_fn)
+    _, grads, stats = grad_fn(params, *batch)
+    state = tx.init(params)
+    _, state = tx.update(grads, state, params, stats=stats)
+    bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
+    updates, new_state = jax.jit(lambda g, s: tx.update(g, s, params, stats=stats))(bad, state)
+    for leaf in jax.tree.leaves(updates):
+        np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+    assert_trees_equal(new_state.magnitude, state.magnitude)
+    updates, _ = tx.update(grads, new_state, params, stats=stats)
+    assert all(np.all(np.isfinite(u)) and np.any(u != 0) for u in jax.tree.leaves(updates))
+
+
+def test_graft_chained_with_a_schedule_and_inject_hyperparams_trains():
+    """The recipe: ``chain(graft(scale_by_adam(b1, b2), scale_by_ekfac(...)),
+    scale_by_learning_rate(schedule))``, with Adam's ``b2`` injected; jitted train steps lower
+    the loss, and the injected ``b2`` is in the state."""
+    params, batch, blocks = setup()
+    schedule = optax.linear_schedule(0.05, 0.01, 10)
+    tx = optax.chain(
+        ek.graft(
+            optax.inject_hyperparams(optax.scale_by_adam)(b2=0.95),
+            ek.scale_by_ekfac(
+                blocks=blocks, scaling="running", damping_mode="relative", damping=0.1
+            ),
+        ),
+        optax.scale_by_learning_rate(schedule),
+    )
+    final, state, losses = train(train_step(loss_fn, tx), params, tx.init(params), [batch] * 10)
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert float(state[0].magnitude.hyperparams["b2"]) == 0.95
+    assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(final))
