@@ -139,16 +139,16 @@ def make_step(method: str, loss_fn, tx, donate: bool = True):
     if method == "AdamW":
         grad_fn = jax.value_and_grad(loss_fn)
 
-        def step(params, state, ids, labels):
-            loss, grads = grad_fn(params, ids, labels)
+        def step(params, state, *batch):
+            loss, grads = grad_fn(params, *batch)
             updates, state = tx.update(grads, state, params)
             return optax.apply_updates(params, updates), state, loss
 
     else:
         capture = ek.value_grad_and_stats(loss_fn)
 
-        def step(params, state, ids, labels):
-            loss, grads, stats = capture(params, ids, labels)
+        def step(params, state, *batch):
+            loss, grads, stats = capture(params, *batch)
             updates, state = tx.update(grads, state, params, stats=stats)
             return optax.apply_updates(params, updates), state, loss
 

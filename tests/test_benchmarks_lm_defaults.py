@@ -15,7 +15,7 @@ def test_lm_defaults_quick_writes_every_run_and_the_goals(tmp_path):
 
     with open(tmp_path / "lm_defaults_quick.csv") as f:
         rows = list(csv.DictReader(f))
-    expected = {(m, lr) for m, grid in lm_defaults.GRIDS.items() for lr in grid[1:3]}
+    expected = {(m, lr) for m, (grid, _) in lm_defaults.METHODS.items() for lr in grid[2:3]}
     assert {(row["method"], float(row["lr"])) for row in rows} == expected
     for row in rows:
         assert float(row["ms_per_step"]) > 0
