@@ -8,6 +8,7 @@ import optax
 from jax.sharding import Mesh
 
 from ekfac_optax import _blocks, _factors, _scalings
+from ekfac_optax._graft import graft as _graft
 from ekfac_optax._transform import (
     Fallback,
     ScalarOrSchedule,
@@ -31,6 +32,7 @@ def ekfac(
     fallback: Fallback = "diagonal",
     mesh: Mesh | None = None,
     max_factor_dim: int | None = None,
+    graft: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """EKFAC: :func:`scale_by_ekfac` then ``optax.scale_by_learning_rate``.
 
@@ -39,11 +41,14 @@ def ekfac(
       blocks, damping, basis_update_every, factor_decay, scaling, scaling_decay,
       damping_mode, weight_sharing, fallback, mesh, max_factor_dim: see
         :func:`scale_by_ekfac`.
+      graft: a transformation whose per-parameter update norms EKFAC's directions take
+        (:func:`graft`), e.g. ``optax.scale_by_adam()``: the learning rate is then on that
+        transformation's scale. ``None`` (default): EKFAC's own norms.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` to ``update``.
     """
-    return optax.chain(
+    return _scaled(
         scale_by_ekfac(
             blocks=blocks,
             damping=damping,
@@ -57,7 +62,8 @@ def ekfac(
             mesh=mesh,
             max_factor_dim=max_factor_dim,
         ),
-        optax.scale_by_learning_rate(learning_rate),
+        graft,
+        learning_rate,
     )
 
 
@@ -73,6 +79,7 @@ def kfac(
     fallback: Fallback = "diagonal",
     mesh: Mesh | None = None,
     max_factor_dim: int | None = None,
+    graft: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """KFAC: :func:`scale_by_kfac` then ``optax.scale_by_learning_rate``.
 
@@ -80,11 +87,13 @@ def kfac(
       learning_rate: a float or an optax schedule.
       blocks, damping, basis_update_every, factor_decay, damping_mode,
       weight_sharing, fallback, mesh, max_factor_dim: see :func:`scale_by_kfac`.
+      graft: a transformation whose per-parameter update norms KFAC's directions take
+        (:func:`graft`), e.g. ``optax.scale_by_adam()``. ``None`` (default): KFAC's own norms.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` to ``update``.
     """
-    return optax.chain(
+    return _scaled(
         scale_by_kfac(
             blocks=blocks,
             damping=damping,
@@ -96,8 +105,20 @@ def kfac(
             mesh=mesh,
             max_factor_dim=max_factor_dim,
         ),
-        optax.scale_by_learning_rate(learning_rate),
+        graft,
+        learning_rate,
     )
+
+
+def _scaled(
+    direction: optax.GradientTransformation,
+    graft: optax.GradientTransformation | None,
+    learning_rate: optax.ScalarOrSchedule,
+) -> optax.GradientTransformationExtraArgs:
+    """``direction`` (grafted onto ``graft``'s norms if given), then the learning rate."""
+    if graft is not None:
+        direction = _graft(graft, direction)
+    return optax.chain(direction, optax.scale_by_learning_rate(learning_rate))
 
 
 def kfe_adam(

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from helpers import assert_trees_equal, cross_entropy, init_params, normal_batch, train, train_step
 
 import ekfac_optax as ek
@@ -121,3 +122,30 @@ def test_graft_chained_with_a_schedule_and_inject_hyperparams_trains():
     assert losses[-1] < 0.8 * losses[0], losses
     assert float(state[0].magnitude.hyperparams["b2"]) == 0.95
     assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(final))
+
+
+@pytest.mark.parametrize(
+    "alias, scale_by", [(ek.ekfac, ek.scale_by_ekfac), (ek.kfac, ek.scale_by_kfac)]
+)
+def test_the_aliases_graft_argument_is_the_chain_it_names(alias, scale_by):
+    """``ek.ekfac(lr, ..., graft=optax.scale_by_adam())`` (and ``ek.kfac``) updates bit for bit
+    as ``chain(graft(scale_by_adam(), scale_by_*(...)), scale_by_learning_rate(lr))``, also
+    under ``optax.inject_hyperparams`` (the transformation argument stays static)."""
+    params, batch, blocks = setup()
+    expected_tx = optax.chain(
+        ek.graft(optax.scale_by_adam(), scale_by(blocks=blocks, basis_update_every=2)),
+        optax.scale_by_learning_rate(0.05),
+    )
+    txs = [
+        alias(0.05, blocks=blocks, basis_update_every=2, graft=optax.scale_by_adam()),
+        optax.inject_hyperparams(alias)(
+            0.05, blocks=blocks, basis_update_every=2, graft=optax.scale_by_adam()
+        ),
+    ]
+    batches = [batch] * 3
+    expected, _, _ = train(
+        train_step(loss_fn, expected_tx), params, expected_tx.init(params), batches
+    )
+    for tx in txs:
+        final, _, _ = train(train_step(loss_fn, tx), params, tx.init(params), batches)
+        assert_trees_equal(final, expected)
