@@ -1,0 +1,336 @@
+"""Out of the box: our preconditioners, their defaults and one learning-rate grid, vs AdamW.
+
+Issue 30's §4 on several models, one per ``--problem``:
+
+- ``lm8192``: the decoder of ``benchmarks/modern_lm.py`` (pre-norm, RoPE, QK-norm, GLU, RMSNorm,
+  no biases, tied embedding; float32 here, so that the losses compare to round-off) at a vocabulary
+  of 8,192, on a synthetic language with a real vocabulary: token frequencies follow Zipf's law and
+  each token is followed by one of 4 successors drawn for it (probabilities 0.55, 0.25, 0.15,
+  0.05), so a model can learn it and its best loss is the successors' entropy (1.13 nats);
+- ``char_lm``: the repository's transformer LM (``benchmarks/transformer.py``'s ``lm`` task: a
+  pre-LN transformer of stock Flax modules, next character of scikit-learn's dataset
+  descriptions), minibatches drawn from its training windows;
+- ``ae28`` / ``ae8``: the deep auto-encoders of ``benchmarks/autoencoder.py`` (784-1000-500-250-30
+  on the 8x8 digits resized to 28x28; 64-128-64-32-8 on the 8x8 digits), binary cross-entropy.
+
+Every method runs a small learning-rate grid with its defaults (KFE-Adam ``b1=0.9``,
+``b2=0.999``, ``eps=1e-8``; EKFAC-ra ``damping_mode="relative"``, ``damping=0.1``; basis every
+20 steps; the grafted ones ``ek.graft(optax.scale_by_adam(), ...)`` with AdamW's weight decay
+1e-4, so that their learning rate is Adam's), the runs of all methods alternating step by step in
+one process (so that the machine's noise spreads over all of them); each run sees the same
+batches from the same initial parameters.
+
+Reported per run: the final training loss (mean of the last 10 steps), the first step at which
+the running loss (mean of 10 steps) reaches AdamW's best final loss, the wall-clock per step;
+per method: its best run, the ratio of steps and wall-clock to AdamW's best run, and the fraction
+of its grid within 10% of its best final loss (the paper's Figure 4d sensitivity). A run whose
+loss is non-finite or above its first loss at the end counts as diverged.
+
+Usage::
+
+    python -m benchmarks.defaults [--problem lm8192|char_lm|ae28|ae8] [--methods A,B]
+        [--steps N] [--quick] [--out benchmarks/results]
+
+writes ``defaults_PROBLEM.csv`` and ``defaults_PROBLEM.md`` (``defaults_PROBLEM_quick.*`` with
+``--quick``) to ``--out``.
+"""
+
+import csv
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import ekfac_optax as ek
+from benchmarks import autoencoder, transformer
+from benchmarks._common import base_parser, machine_info
+from benchmarks.modern_lm import DecoderLM, make_loss, make_step
+
+LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # AdamW's grid, and that of every method on Adam's scale
+WEIGHT_DECAY = 1e-4  # optax.adamw's default, also given to the grafted methods
+WINDOW = 10  # steps of the running mean
+STEPS_GOAL = 0.6  # issue 30: AdamW's best final loss in <= 0.6x its steps
+
+
+def grafted(direction: Callable) -> Callable:
+    """``(lr, blocks) -> chain(graft(scale_by_adam(), direction(blocks)), weight decay, -lr)``:
+    AdamW's per-parameter step sizes (and its weight decay) on the direction of one of ours."""
+
+    def make(lr, blocks):
+        return optax.chain(
+            ek.graft(optax.scale_by_adam(), direction(blocks)),
+            optax.add_decayed_weights(WEIGHT_DECAY),
+            optax.scale_by_learning_rate(lr),
+        )
+
+    return make
+
+
+def relative_ekfac_ra(blocks):
+    return ek.scale_by_ekfac(blocks=blocks, scaling="running", damping=0.1, damping_mode="relative")
+
+
+# name -> (learning-rate grid, (lr, blocks) -> transformation); AdamW first (the target).
+METHODS = {
+    "AdamW": (LRS, lambda lr, blocks: optax.adamw(lr)),
+    "KFE-Adam": (LRS, lambda lr, blocks: ek.kfe_adam(lr, blocks=blocks)),
+    "KFE-Adam b2=0.95": (LRS, lambda lr, blocks: ek.kfe_adam(lr, blocks=blocks, b2=0.95)),
+    "EKFAC-ra (relative damping 0.1)": (
+        (0.003, 0.01, 0.03, 0.1),
+        lambda lr, blocks: ek.ekfac(
+            lr, blocks=blocks, scaling="running", damping=0.1, damping_mode="relative"
+        ),
+    ),
+    "Adam-grafted EKFAC-ra (relative 0.1)": (LRS, grafted(relative_ekfac_ra)),
+    "Adam-grafted EKFAC (batch)": (LRS, grafted(lambda blocks: ek.scale_by_ekfac(blocks=blocks))),
+    "Adam-grafted KFAC": (LRS, grafted(lambda blocks: ek.scale_by_kfac(blocks=blocks))),
+}
+
+
+class Problem(NamedTuple):
+    """A model to train: its initial ``params``, ``loss_fn(params, *batch)`` (mean over the
+    batch) and the ``batches`` every run sees, with a description for the report."""
+
+    params: Any
+    loss_fn: Callable
+    batches: list
+    desc: str
+
+
+# --- Problems -------------------------------------------------------------------------------------
+SUCCESSORS = (0.55, 0.25, 0.15, 0.05)
+LM8192 = dict(vocab=8192, width=64, heads=4, layers=2, seq=32, batch=16)
+LM8192_QUICK = dict(vocab=256, width=32, heads=2, layers=1, seq=16, batch=8)
+
+
+def synthetic_language(vocab: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """``(start frequencies, successors)``: Zipf start distribution, 4 successors per token."""
+    zipf = 1.0 / np.arange(1, vocab + 1)
+    successors = np.stack([rng.permutation(vocab)[: len(SUCCESSORS)] for _ in range(vocab)])
+    return zipf / zipf.sum(), successors
+
+
+def lm8192(quick: bool, steps: int, seed: int) -> Problem:
+    size = LM8192_QUICK if quick else LM8192
+    rng = np.random.default_rng(seed)
+    start, successors = synthetic_language(size["vocab"], rng)
+    batches = []
+    for _ in range(steps):
+        seq = np.empty((size["batch"], size["seq"] + 1), np.int32)
+        seq[:, 0] = rng.choice(size["vocab"], size["batch"], p=start)
+        for t in range(size["seq"]):
+            pick = rng.choice(len(SUCCESSORS), size["batch"], p=SUCCESSORS)
+            seq[:, t + 1] = successors[seq[:, t], pick]
+        batches.append((jnp.asarray(seq[:, :-1]), jnp.asarray(seq[:, 1:])))
+    model = DecoderLM(size["vocab"], size["width"], size["heads"], size["layers"], jnp.float32)
+    params = model.init(jax.random.key(seed), batches[0][0])["params"]
+    desc = (
+        f"decoder of `benchmarks/modern_lm.py` in float32: width {size['width']}, "
+        f"{size['layers']} blocks, {size['heads']} heads, vocabulary {size['vocab']}; synthetic "
+        f"Zipf language with 4 successors per token (best loss 1.13 nats); batch "
+        f"{size['batch']} x {size['seq']}"
+    )
+    return Problem(params, make_loss(model), batches, desc)
+
+
+def minibatches(arrays: tuple, batch: int, steps: int, seed: int) -> list:
+    """``steps`` minibatches of ``batch`` rows drawn without replacement within each pass."""
+    rng, n, order = np.random.default_rng(seed), len(arrays[0]), np.empty(0, int)
+    out = []
+    for _ in range(steps):
+        if len(order) < batch:
+            order = np.concatenate([order, rng.permutation(n)])
+        pick, order = order[:batch], order[batch:]
+        out.append(tuple(jnp.asarray(a[pick]) for a in arrays))
+    return out
+
+
+def char_lm(quick: bool, steps: int, seed: int) -> Problem:
+    task = transformer.lm_task(transformer.SIZES["quick" if quick else "full"], seed)
+    loss_with_stats = transformer.make_loss_fn(task)
+
+    def loss_fn(params, x, y):
+        return loss_with_stats(params, None, x, y)[0]
+
+    batches = minibatches(task.train, task.batch, steps, seed)
+    desc = f"`benchmarks/transformer.py`'s `lm` task: {task.desc}; {task.data_desc}"
+    desc += f"; batch {task.batch}"
+    return Problem(task.variables["params"], loss_fn, batches, desc)
+
+
+def auto_encoder(small: bool) -> Callable:
+    def build(quick: bool, steps: int, seed: int) -> Problem:
+        args = type("Args", (), dict(mnist_dir=None, small=small or quick))
+        images, data_desc = autoencoder.load_images(args)
+        train, _ = autoencoder.split(images, seed)
+        hidden, code = autoencoder.architecture(args, images.shape[1])
+        model = autoencoder.AutoEncoder(hidden, code, images.shape[1])
+        batch = 32 if quick else 64
+        batches = minibatches((train,), batch, steps, seed)
+        params = model.init(jax.random.key(seed), batches[0][0])["params"]
+
+        def loss_fn(params, x):
+            return autoencoder.bce(model.apply({"params": params}, x), x)
+
+        arch = autoencoder.arch_string(hidden, code, images.shape[1])
+        desc = (
+            f"auto-encoder {arch} of `benchmarks/autoencoder.py` (sigmoid, linear code, binary "
+            f"cross-entropy summed over pixels); {data_desc}, {len(train)} training images; "
+            f"batch {batch}"
+        )
+        return Problem(params, loss_fn, batches, desc)
+
+    return build
+
+
+PROBLEMS = {
+    "lm8192": lm8192,
+    "char_lm": char_lm,
+    "ae28": auto_encoder(small=False),
+    "ae8": auto_encoder(small=True),
+}
+
+
+# --- Runs -----------------------------------------------------------------------------------------
+def running(losses: list[float]) -> np.ndarray:
+    return np.convolve(losses, np.ones(WINDOW) / WINDOW, mode="valid")
+
+
+def parse_args(argv):
+    parser = base_parser(__doc__, "a smaller model, 12 steps, one learning rate per method")
+    parser.add_argument("--problem", choices=sorted(PROBLEMS), default="lm8192")
+    parser.add_argument("--methods", default=None, help="comma list (default: all; AdamW always)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (200; quick 12)")
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (12 if args.quick else 200)
+    names = list(METHODS) if args.methods is None else args.methods.split(",")
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: {list(METHODS)}")
+    args.methods = ["AdamW"] + [m for m in METHODS if m in names and m != "AdamW"]
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    problem = PROBLEMS[args.problem](args.quick, args.steps, args.seed)
+    blocks = ek.find_blocks(problem.loss_fn, problem.params, *problem.batches[0])
+    runs = []
+    for method in args.methods:
+        grid, make_tx = METHODS[method]
+        for lr in grid[2:3] if args.quick else grid:  # quick: one learning rate each
+            tx = make_tx(lr, blocks)
+            step = make_step(method, problem.loss_fn, tx, donate=False)
+            step(problem.params, tx.init(problem.params), *problem.batches[0])  # compile
+            runs.append(dict(method=method, lr=lr, step=step, losses=[], seconds=0.0))
+            runs[-1].update(params=problem.params, state=tx.init(problem.params))
+            print(f"  compiled {method} lr {lr}", file=sys.stderr, flush=True)
+    for k, batch in enumerate(problem.batches):  # the runs alternate step by step
+        for run in runs:
+            start = time.perf_counter()
+            run["params"], run["state"], loss = run["step"](run["params"], run["state"], *batch)
+            run["losses"].append(float(loss))  # blocks until the step is done
+            run["seconds"] += time.perf_counter() - start
+        if (k + 1) % 50 == 0:
+            print(f"  step {k + 1}", file=sys.stderr, flush=True)
+    for run in runs:
+        curve = running(run["losses"])
+        run["final"] = float(curve[-1])
+        run["diverged"] = not np.isfinite(run["final"]) or run["final"] > run["losses"][0]
+        run["ms_per_step"] = 1e3 * run["seconds"] / len(problem.batches)
+    best = {
+        m: min((r for r in runs if r["method"] == m), key=lambda r: r["final"])
+        for m in args.methods
+    }
+    target = best["AdamW"]["final"]
+    for run in runs:
+        reached = np.nonzero(running(run["losses"]) <= target)[0]
+        run["steps_to_adamw"] = int(reached[0]) + WINDOW if len(reached) else None
+    name = f"defaults_{args.problem}" + ("_quick" if args.quick else "")
+    keys = ["method", "lr", "final", "diverged", "steps_to_adamw", "ms_per_step"]
+    with open(os.path.join(args.out, f"{name}.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in keys} for r in runs)
+    text = report(runs, best, problem, args, sys.argv[1:] if argv is None else argv)
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return dict(runs=runs, best=best, report=text)
+
+
+# --- Report ---------------------------------------------------------------------------------------
+def report(runs, best, problem, args, command) -> str:
+    adamw = best["AdamW"]
+    lines = [
+        f"# Out of the box on `{args.problem}`: our preconditioners' defaults against AdamW",
+        "",
+        f"Written by `python -m benchmarks.defaults {shlex.join(command)}`.",
+        f"Machine: {machine_info()}.",
+        "",
+        f"{problem.desc}; {args.steps} steps, the same batches for every run, runs alternating "
+        f"step by step. Final loss: mean of the last {WINDOW} steps. Steps to AdamW: first step "
+        f"whose {WINDOW}-step running loss reaches AdamW's best final loss "
+        f"({adamw['final']:.4f}, lr {adamw['lr']:g}).",
+        "",
+        "| method | lr | final loss | steps to AdamW's best | ms/step | diverged |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in runs:
+        steps = "never" if r["steps_to_adamw"] is None else str(r["steps_to_adamw"])
+        lines.append(
+            f"| {r['method']} | {r['lr']:g} | {r['final']:.4f} | {steps} | "
+            f"{r['ms_per_step']:.1f} | {r['diverged']} |"
+        )
+    lines += ["", "## Per method (best run)", ""]
+    lines += [
+        "| method | best lr | final loss | steps vs AdamW | wall-clock vs AdamW | grid within 10% "
+        "of best | diverged runs |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    ratios = {}
+    for method, b in best.items():
+        mine = [r for r in runs if r["method"] == method]
+        within = sum(r["final"] <= 1.1 * b["final"] for r in mine) / len(mine)
+        if b["steps_to_adamw"] is None or adamw["steps_to_adamw"] is None:
+            steps, clock = "never", "-"
+        else:
+            ratio = b["steps_to_adamw"] / adamw["steps_to_adamw"]
+            ratios[method] = (ratio, ratio * b["ms_per_step"] / adamw["ms_per_step"])
+            steps, clock = f"{ratios[method][0]:.2f}x", f"{ratios[method][1]:.2f}x"
+        lines.append(
+            f"| {method} | {b['lr']:g} | {b['final']:.4f} | {steps} | {clock} | "
+            f"{within:.0%} | {sum(r['diverged'] for r in mine)} |"
+        )
+    lines += ["", f"## Goals (issue 30, `{args.problem}` only)", ""]
+    for method in best:
+        if method == "AdamW":
+            continue
+        if method in ratios:
+            ratio, clock = ratios[method]
+            held = "held" if ratio <= STEPS_GOAL else "NOT met"
+            result = f"{held} ({ratio:.2f}x the steps, {clock:.2f}x the wall-clock)"
+        else:
+            result = "NOT met (never reached)"
+        lines.append(
+            f"- {method} reaches AdamW's best final loss in <= {STEPS_GOAL}x its steps: {result}"
+        )
+    diverged = [f"{r['method']} lr {r['lr']:g}" for r in runs if r["diverged"]]
+    ours = [d for d in diverged if not d.startswith("AdamW ")]
+    lines.append(
+        f"- No non-finite or exploding run of ours: {'held' if not ours else 'NOT met'}"
+        + (f" ({len(ours)} diverged: {', '.join(ours)})" if ours else "")
+    )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Smoke test of ``benchmarks/defaults.py``: the quick configuration writes its outputs."""
+
+import csv
+import math
+
+import pytest
+
+from benchmarks import defaults  # importable: `pythonpath` in pyproject.toml
+
+pytestmark = pytest.mark.slow  # a benchmark's quick run
+
+
+def quick_rows(tmp_path, problem, *more):
+    defaults.main(["--quick", "--problem", problem, "--out", str(tmp_path), *more])
+    with open(tmp_path / f"defaults_{problem}_quick.csv") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        assert float(row["ms_per_step"]) > 0
+        if row["diverged"] == "False":
+            assert math.isfinite(float(row["final"])), row
+    text = (tmp_path / f"defaults_{problem}_quick.md").read_text()
+    assert "## Goals" in text and "reaches AdamW's best final loss" in text
+    return rows
+
+
+def test_every_method_runs_on_the_small_auto_encoder(tmp_path):
+    rows = quick_rows(tmp_path, "ae8")
+    expected = {(m, lr) for m, (grid, _) in defaults.METHODS.items() for lr in grid[2:3]}
+    assert {(row["method"], float(row["lr"])) for row in rows} == expected
+
+
+@pytest.mark.parametrize("problem", ["lm8192", "char_lm"])
+def test_the_language_models_run(tmp_path, problem):
+    rows = quick_rows(tmp_path, problem, "--methods", "KFE-Adam")
+    assert [row["method"] for row in rows] == ["AdamW", "KFE-Adam"]
+
+
+def test_an_unknown_method_is_an_error(tmp_path):
+    with pytest.raises(SystemExit):
+        defaults.main(["--quick", "--methods", "Adagrad", "--out", str(tmp_path)])
