@@ -132,11 +132,11 @@ def make_tx(method: str, blocks: dict) -> optax.GradientTransformation:
     )
 
 
-def make_step(method: str, loss_fn, tx, donate: bool = True):
-    """The jitted train step of ``method`` (AdamW: plain gradients; ours: with the stats);
-    ``donate`` donates the params and state (the timed loops), off when a run restarts from
-    shared initial params."""
-    if method == "AdamW":
+def make_step(method: str, loss_fn, tx, donate: bool = True, with_stats: bool | None = None):
+    """The jitted train step of ``method`` (AdamW: plain gradients; ours: with the stats;
+    ``with_stats`` says which for another method); ``donate`` donates the params and state (the
+    timed loops), off when a run restarts from shared initial params."""
+    if not (method != "AdamW" if with_stats is None else with_stats):
         grad_fn = jax.value_and_grad(loss_fn)
 
         def step(params, state, *batch):

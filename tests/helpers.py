@@ -68,6 +68,17 @@ class MLP(nn.Module):
         return x
 
 
+class NormClassifier(nn.Module):
+    """float64 ``Dense(6) -> tanh -> LayerNorm -> Dense(3)``: two Kronecker blocks and a diagonal
+    one (the norm's scale and shift)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.tanh(nn.Dense(6, param_dtype=jnp.float64, name="hidden")(x))
+        x = nn.LayerNorm(param_dtype=jnp.float64, name="norm")(x)
+        return nn.Dense(3, param_dtype=jnp.float64, name="out")(x)
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean over every axis of the softmax cross-entropy (classes on the last axis), in at least
     float32."""

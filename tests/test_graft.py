@@ -8,30 +8,28 @@ checked. ``scale_by_ekfac`` and ``optax.scale_by_adam`` are each tested against 
 references elsewhere.
 """
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_trees_equal, cross_entropy, init_params, normal_batch, train, train_step
+from helpers import (
+    NormClassifier,
+    assert_trees_equal,
+    classifier_loss,
+    init_params,
+    normal_batch,
+    train,
+    train_step,
+)
 
 import ekfac_optax as ek
 
-F64 = jnp.float64
 RTOL = 1e-12  # float64: one norm ratio and one product per leaf, round-off only
 
 
-class Net(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = jnp.tanh(nn.Dense(6, param_dtype=F64, name="hidden")(x))
-        x = nn.LayerNorm(param_dtype=F64, name="norm")(x)
-        return nn.Dense(3, param_dtype=F64, name="out")(x)
-
-
-def loss_fn(params, x, y):
-    return cross_entropy(Net().apply({"params": params}, x), y)
+Net = NormClassifier
+loss_fn = classifier_loss(Net())
 
 
 def setup():

@@ -25,9 +25,10 @@ import optax
 import pytest
 import reference as ref
 from helpers import (
+    NormClassifier,
     TiedLM,
     assert_trees_close,
-    cross_entropy,
+    classifier_loss,
     init_params,
     lm_loss,
     lm_token_batch,
@@ -44,16 +45,8 @@ LR = 0.05
 B1, B2, EPS = 0.9, 0.99, 1e-8
 
 
-class Net(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = jnp.tanh(nn.Dense(6, param_dtype=F64, name="hidden")(x))
-        x = nn.LayerNorm(param_dtype=F64, name="norm")(x)
-        return nn.Dense(3, param_dtype=F64, name="out")(x)
-
-
-def loss_fn(params, x, y):
-    return cross_entropy(Net().apply({"params": params}, x), y)
+Net = NormClassifier
+loss_fn = classifier_loss(Net())
 
 
 def eigenbases(stats):
