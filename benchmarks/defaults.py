@@ -11,7 +11,9 @@ Issue 30's §4 on several models, one per ``--problem``:
   pre-LN transformer of stock Flax modules, next character of scikit-learn's dataset
   descriptions), minibatches drawn from its training windows;
 - ``ae28`` / ``ae8``: the deep auto-encoders of ``benchmarks/autoencoder.py`` (784-1000-500-250-30
-  on the 8x8 digits resized to 28x28; 64-128-64-32-8 on the 8x8 digits), binary cross-entropy.
+  on the 8x8 digits resized to 28x28; 64-128-64-32-8 on the 8x8 digits), binary cross-entropy;
+- ``vgg`` / ``resnet``: the small VGG and ResNet of ``benchmarks/convnets.py`` without
+  normalisation on the 8x8 digits, softmax cross-entropy.
 
 Every method runs a small learning-rate grid with its defaults (``optax.contrib.muon``: Muon on
 the 2-D weights, Adam on the rest; KFE-Adam ``b1=0.9``,
@@ -29,7 +31,7 @@ loss is non-finite or above its first loss at the end counts as diverged.
 
 Usage::
 
-    python -m benchmarks.defaults [--problem lm8192|char_lm|ae28|ae8] [--methods A,B]
+    python -m benchmarks.defaults [--problem lm8192|char_lm|ae28|ae8|vgg|resnet] [--methods A,B]
         [--steps N] [--quick] [--out benchmarks/results]
 
 writes ``defaults_PROBLEM.csv`` and ``defaults_PROBLEM.md`` (``defaults_PROBLEM_quick.*`` with
@@ -42,6 +44,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import jax
@@ -51,7 +54,7 @@ import optax
 import optax.contrib
 
 import ekfac_optax as ek
-from benchmarks import autoencoder, transformer
+from benchmarks import autoencoder, convnets, transformer
 from benchmarks._common import base_parser, machine_info
 from benchmarks.modern_lm import DecoderLM, make_loss, make_step
 
@@ -194,11 +197,35 @@ def auto_encoder(small: bool) -> Callable:
     return build
 
 
+def convnet(arch: str) -> Callable:
+    def build(quick: bool, steps: int, seed: int) -> Problem:
+        args = SimpleNamespace(cifar_dir=None, digits_size=8, seed=seed, max_train=None)
+        data = convnets.load_data(args)
+        model, bn_model, arch_desc = convnets.make_models(arch, "quick" if quick else "small")
+        x0 = jnp.asarray(data.train_x[:1])
+        params, _ = convnets.init_variables(model, bn_model, x0, seed)
+        batch = 32 if quick else 64
+        batches = minibatches((data.train_x, data.train_y), batch, steps, seed)
+
+        def loss_fn(params, x, y):
+            return convnets.objective(model.apply({"params": params}, x), (x, y))
+
+        desc = (
+            f"{arch} of `benchmarks/convnets.py` without normalisation: {arch_desc}; "
+            f"{data.desc}, {len(data.train_x)} training images; batch {batch}"
+        )
+        return Problem(params, loss_fn, batches, desc)
+
+    return build
+
+
 PROBLEMS = {
     "lm8192": lm8192,
     "char_lm": char_lm,
     "ae28": auto_encoder(small=False),
     "ae8": auto_encoder(small=True),
+    "vgg": convnet("VGG"),
+    "resnet": convnet("ResNet"),
 }
 
 

@@ -29,8 +29,8 @@ def test_every_method_runs_on_the_small_auto_encoder(tmp_path):
     assert {(row["method"], float(row["lr"])) for row in rows} == expected
 
 
-@pytest.mark.parametrize("problem", ["lm8192", "char_lm"])
-def test_the_language_models_run(tmp_path, problem):
+@pytest.mark.parametrize("problem", ["lm8192", "char_lm", "vgg"])
+def test_the_other_problems_run(tmp_path, problem):
     rows = quick_rows(tmp_path, problem, "--methods", "KFE-Adam")
     assert [row["method"] for row in rows] == ["AdamW", "KFE-Adam"]
 
