@@ -136,7 +136,9 @@ def make_step(method: str, loss_fn, tx, donate: bool = True, with_stats: bool | 
     """The jitted train step of ``method`` (AdamW: plain gradients; ours: with the stats;
     ``with_stats`` says which for another method); ``donate`` donates the params and state (the
     timed loops), off when a run restarts from shared initial params."""
-    if not (method != "AdamW" if with_stats is None else with_stats):
+    if with_stats is None:
+        with_stats = method != "AdamW"
+    if not with_stats:
         grad_fn = jax.value_and_grad(loss_fn)
 
         def step(params, state, *batch):

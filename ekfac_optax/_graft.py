@@ -85,9 +85,7 @@ def graft(
         m, magnitude_state = magnitude.update(updates, state.magnitude, params, **extra_args)
         d, direction_state = direction.update(updates, state.direction, params, **extra_args)
         finite = _all_finite((updates, m, d))
-        magnitude_state = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old), magnitude_state, state.magnitude
-        )
+        magnitude_state = optax.tree.where(finite, magnitude_state, state.magnitude)
         new_updates = jax.tree.map(
             lambda m, d: jnp.where(finite, _grafted(m, d), jnp.zeros_like(d)), m, d
         )
