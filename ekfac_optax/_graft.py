@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ekfac_optax._transform import _all_finite
+from ekfac_optax._transform import _all_finite, _select
 
 
 class GraftState(NamedTuple):
@@ -85,9 +85,10 @@ def graft(
         m, magnitude_state = magnitude.update(updates, state.magnitude, params, **extra_args)
         d, direction_state = direction.update(updates, state.direction, params, **extra_args)
         finite = _all_finite((updates, m, d))
-        magnitude_state = optax.tree.where(finite, magnitude_state, state.magnitude)
-        new_updates = jax.tree.map(
-            lambda m, d: jnp.where(finite, _grafted(m, d), jnp.zeros_like(d)), m, d
+        grafted = jax.tree.map(_grafted, m, d)
+        zeros = jax.tree.map(jnp.zeros_like, d)
+        magnitude_state, new_updates = _select(
+            finite, (magnitude_state, grafted), (state.magnitude, zeros)
         )
         return new_updates, GraftState(magnitude=magnitude_state, direction=direction_state)
 

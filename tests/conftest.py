@@ -31,6 +31,10 @@ jax.config.update("jax_enable_x64", True)
 # because another case of the same test, or another fast test, runs the same library code: each
 # costs a compilation of its own (3-20 s here), which is most of the fast set's time.
 SLOW_CASES = {
+    # the MLP's cases of these methods stay (same library path; the CNN's ekfac case stays too)
+    "test_stacking.py::test_stacked_updates_equal_per_layer_updates[ekfac_ra-cnn]",
+    "test_stacking.py::test_stacked_updates_equal_per_layer_updates[kfac-cnn]",
+    "test_stacking.py::test_stacked_updates_equal_per_layer_updates[kfe_adam-cnn]",
     "test_mixed_precision.py::test_bfloat16_language_model_trains_with_every_method[f32_params]",
     "test_kfe_adam.py::test_momentum_for_ekfac_is_a_trace_of_the_preconditioned_updates",
     "test_kfe_adam.py::test_kfe_adam_trains_a_tied_language_model_in_bfloat16[uncapped]",

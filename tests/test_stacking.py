@@ -1,0 +1,217 @@
+"""Same-shaped blocks are processed as one stacked block (issue 31): exact equivalence with the
+per-layer path, what is grouped and what never is, the eigendecompositions traced once per
+group, the errors naming the member.
+
+The per-layer path is the same library with grouping switched off (``_stacking.signature``
+returning ``None`` for every block: each block its own group of one); the per-layer path itself
+is tested against independent references in ``test_reference_updates.py`` and
+``test_kinds.py``.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import assert_trees_close, init_params, normal_batch
+from jax.sharding import Mesh
+
+import ekfac_optax as ek
+from ekfac_optax import _stacking
+
+# float64 throughout: the stacked path runs the same operations batched (a vmapped matmul, the
+# same LAPACK eigh per member); their round-off differs from the per-layer calls' at ~1e-16, which
+# five steps through two basis refreshes (separated spectra) amplify to ~1e-12 at most.
+RTOL = 1e-9
+STEPS, EVERY = 5, 2  # basis refreshes on steps 0, 2 and 4
+
+
+class LoopMLP(nn.Module):
+    """Same-shaped Dense + LayerNorm layers written as a Python loop, an odd one out (no bias),
+    and a DenseGeneral q/k/v trio of equal shapes."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(6, name="stem")(x)
+        for i in range(3):
+            x = nn.tanh(nn.LayerNorm(name=f"norm_{i}")(nn.Dense(6, name=f"dense_{i}")(x)))
+        x = nn.Dense(6, use_bias=False, name="no_bias")(x)
+        q, k, v = (nn.DenseGeneral((2, 3), name=n)(x) for n in ("q", "k", "v"))
+        x = (q * k + v).reshape(x.shape[0], 6)
+        return nn.Dense(3, name="head")(x)
+
+
+class LoopCNN(nn.Module):
+    """Same-shaped 3x3 convolutions as a loop, then a strided one (other positions).
+
+    Every factor has full rank (more samples than rows), as in the MLP: a rank-deficient factor's
+    null-space eigenvectors are any basis of it, which round-off picks, and a stale basis then
+    scales a new batch's gradient differently in either path."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(3, (3, 3), name="stem")(x)
+        for i in range(3):
+            x = nn.relu(nn.Conv(3, (3, 3), name=f"conv_{i}")(x))
+        x = nn.Conv(3, (3, 3), strides=2, name="down")(x)
+        return nn.Dense(3, name="head")(jnp.mean(x, axis=(1, 2)))
+
+
+MODELS = {"mlp": (LoopMLP, (8, 5), (8,)), "cnn": (LoopCNN, (8, 6, 6, 2), (8,))}
+
+
+def _setup(name):
+    cls, x_shape, y_shape = MODELS[name]
+    model = cls()
+    batches = [normal_batch(seed, x_shape, y_shape) for seed in range(STEPS)]
+    params = init_params(model, batches[0][0], dtype=jnp.float64)
+
+    def loss_fn(params, x, y):
+        logits = model.apply({"params": params}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    return loss_fn, params, batches
+
+
+def _make(method, blocks, **kwargs):
+    kwargs = dict(blocks=blocks, basis_update_every=EVERY, **kwargs)
+    if method == "kfac":
+        return ek.scale_by_kfac(damping=1e-3, **kwargs)
+    if method == "kfe_adam":
+        return ek.scale_by_kfe_adam(**kwargs)
+    scaling = "running" if method == "ekfac_ra" else "batch"
+    return ek.scale_by_ekfac(damping=1e-3, scaling=scaling, **kwargs)
+
+
+def _run(loss_fn, params, batches, tx):
+    capture = ek.value_grad_and_stats(loss_fn)
+
+    @jax.jit
+    def step(params, state, *batch):
+        _, grads, stats = capture(params, *batch)
+        updates, state = tx.update(grads, state, params, stats=stats)
+        return (
+            optax.apply_updates(params, jax.tree.map(lambda u: -0.1 * u, updates)),
+            state,
+            updates,
+        )
+
+    state, updates = tx.init(params), []
+    for batch in batches:
+        params, state, u = step(params, state, *batch)
+        updates.append(u)
+    return updates, state
+
+
+@pytest.fixture
+def per_layer(monkeypatch):
+    """Grouping off: every block its own group (the path before issue 31)."""
+
+    def run(*args):
+        with monkeypatch.context() as m:
+            m.setattr(_stacking, "signature", lambda *_: None)
+            return _run(*args)
+
+    return run
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+@pytest.mark.parametrize("method", ["ekfac", "ekfac_ra", "kfac", "kfe_adam"])
+def test_stacked_updates_equal_per_layer_updates(model, method, per_layer):
+    loss_fn, params, batches = _setup(model)
+    blocks = ek.find_blocks(loss_fn, params, *batches[0])
+    stacked = _run(loss_fn, params, batches, _make(method, blocks))
+    reference = per_layer(loss_fn, params, batches, _make(method, blocks))
+    for step, (u, r) in enumerate(zip(stacked[0], reference[0], strict=True)):
+        assert_trees_close(u, r, f"step {step}", rtol=RTOL)
+    assert_trees_close(stacked[1].blocks, reference[1].blocks, "state", rtol=RTOL)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (host) devices")
+def test_stacked_eigh_spread_over_a_mesh_equals_per_layer(per_layer):
+    """``mesh=`` splits the groups' stacked factors over 8 devices; the result is the per-layer
+    one on one device."""
+    loss_fn, params, batches = _setup("mlp")
+    blocks = ek.find_blocks(loss_fn, params, *batches[0])
+    mesh = Mesh(np.array(jax.devices()[:8]), ("basis",))
+    spread = _run(loss_fn, params, batches, _make("ekfac", blocks, mesh=mesh))
+    reference = per_layer(loss_fn, params, batches, _make("ekfac", blocks))
+    for step, (u, r) in enumerate(zip(spread[0], reference[0], strict=True)):
+        assert_trees_close(u, r, f"step {step}", rtol=RTOL)
+
+
+def _groups(loss_fn, params, batch, **kwargs):
+    """The groups an update of ``scale_by_ekfac`` forms, as sorted member tuples."""
+    blocks = ek.find_blocks(loss_fn, params, *batch)
+    _, _, stats = ek.value_grad_and_stats(loss_fn)(params, *batch)
+    specs = {p: dataclasses.replace(s, **kwargs.get(p, {})) for p, s in blocks.items()}
+    h = {p: stats[p].h for p in specs}
+    delta = {p: stats[p].delta for p in specs}
+    return sorted(g.members for g in _stacking.group(specs, h, delta).values())
+
+
+def test_what_is_grouped():
+    """Equal shapes, bias and positions are grouped, whatever the kind (the Dense layers and the
+    DenseGeneral q/k/v are all 7x6 blocks); another bias, another number of positions (the
+    strided convolution) or another size stays apart."""
+    loss_fn, params, batches = _setup("mlp")
+    assert _groups(loss_fn, params, batches[0]) == [
+        ("dense_0", "dense_1", "dense_2", "k", "q", "v"),
+        ("head",),
+        ("no_bias",),
+        ("norm_0", "norm_1", "norm_2"),
+        ("stem",),
+    ]
+    loss_fn, params, batches = _setup("cnn")
+    assert _groups(loss_fn, params, batches[0]) == [
+        ("conv_0", "conv_1", "conv_2"),
+        ("down",),
+        ("head",),
+        ("stem",),
+    ]
+
+
+def test_blocks_that_differ_in_an_option_are_never_grouped():
+    """A member whose side is capped (``max_factor_dim``) is not stacked with uncapped ones."""
+    loss_fn, params, batches = _setup("mlp")
+    groups = _groups(loss_fn, params, batches[0], dense_1=dict(max_factor_dim=4))
+    assert ("dense_1",) in groups
+    assert ("dense_0", "dense_2", "k", "q", "v") in groups
+
+
+def _count_eigh(jaxpr) -> int:
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == "eigh"
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            count += _count_eigh(sub)
+    return count
+
+
+def test_one_eigh_per_group_side_is_traced():
+    """The update's program holds one ``eigh`` per distinct factor of a group (a loop runs it
+    over the members), not one per layer."""
+    loss_fn, params, batches = _setup("mlp")
+    blocks = ek.find_blocks(loss_fn, params, *batches[0])
+    tx = _make("ekfac", blocks)
+    state = tx.init(params)
+    _, grads, stats = ek.value_grad_and_stats(loss_fn)(params, *batches[0])
+    jaxpr = jax.make_jaxpr(lambda g, s, st: tx.update(g, s, params, stats=st))(grads, state, stats)
+    kronecker_groups = 4  # dense_0-2 with q/k/v, stem, no_bias, head
+    assert _count_eigh(jaxpr.jaxpr) == 2 * kronecker_groups
+    assert sum(spec.block == "kronecker" for spec in blocks.values()) == 9
+
+
+def test_a_members_wrong_stats_are_named_by_its_own_path():
+    loss_fn, params, batches = _setup("mlp")
+    blocks = ek.find_blocks(loss_fn, params, *batches[0])
+    tx = _make("ekfac", blocks)
+    _, grads, stats = ek.value_grad_and_stats(loss_fn)(params, *batches[0])
+    bad = dict(stats)
+    bad["dense_1"] = stats["dense_1"]._replace(h=stats["dense_1"].h[..., :4])
+    with pytest.raises(ValueError, match=r"stats\['dense_1'\]\.h: expected shape"):
+        tx.update(grads, tx.init(params), params, stats=bad)
