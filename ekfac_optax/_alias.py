@@ -32,6 +32,7 @@ def ekfac(
     fallback: Fallback = "diagonal",
     mesh: Mesh | None = None,
     max_factor_dim: int | None = None,
+    stack_blocks: bool = False,
     graft: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """EKFAC: :func:`scale_by_ekfac` then ``optax.scale_by_learning_rate``.
@@ -39,7 +40,7 @@ def ekfac(
     Args:
       learning_rate: a float or an optax schedule.
       blocks, damping, basis_update_every, factor_decay, scaling, scaling_decay,
-      damping_mode, weight_sharing, fallback, mesh, max_factor_dim: see
+      damping_mode, weight_sharing, fallback, mesh, max_factor_dim, stack_blocks: see
         :func:`scale_by_ekfac`.
       graft: a transformation whose per-parameter update norms EKFAC's directions take
         (:func:`graft`), e.g. ``optax.scale_by_adam()``: the learning rate is then on that
@@ -61,6 +62,7 @@ def ekfac(
             fallback=fallback,
             mesh=mesh,
             max_factor_dim=max_factor_dim,
+            stack_blocks=stack_blocks,
         ),
         graft,
         learning_rate,
@@ -79,6 +81,7 @@ def kfac(
     fallback: Fallback = "diagonal",
     mesh: Mesh | None = None,
     max_factor_dim: int | None = None,
+    stack_blocks: bool = False,
     graft: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """KFAC: :func:`scale_by_kfac` then ``optax.scale_by_learning_rate``.
@@ -86,7 +89,7 @@ def kfac(
     Args:
       learning_rate: a float or an optax schedule.
       blocks, damping, basis_update_every, factor_decay, damping_mode,
-      weight_sharing, fallback, mesh, max_factor_dim: see :func:`scale_by_kfac`.
+      weight_sharing, fallback, mesh, max_factor_dim, stack_blocks: see :func:`scale_by_kfac`.
       graft: a transformation whose per-parameter update norms KFAC's directions take
         (:func:`graft`), e.g. ``optax.scale_by_adam()``. ``None`` (default): KFAC's own norms.
 
@@ -104,6 +107,7 @@ def kfac(
             fallback=fallback,
             mesh=mesh,
             max_factor_dim=max_factor_dim,
+            stack_blocks=stack_blocks,
         ),
         graft,
         learning_rate,
@@ -134,13 +138,14 @@ def kfe_adam(
     fallback: Fallback = "diagonal",
     mesh: Mesh | None = None,
     max_factor_dim: int | None = None,
+    stack_blocks: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """KFE-Adam: :func:`scale_by_kfe_adam` then ``optax.scale_by_learning_rate``.
 
     Args:
       learning_rate: a float or an optax schedule.
       blocks, b1, b2, eps, basis_update_every, factor_decay, weight_sharing, fallback, mesh,
-      max_factor_dim: see :func:`scale_by_kfe_adam`.
+      max_factor_dim, stack_blocks: see :func:`scale_by_kfe_adam`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` to ``update``.
@@ -158,6 +163,7 @@ def kfe_adam(
         fallback=fallback,
         mesh=mesh,
         max_factor_dim=max_factor_dim,
+        stack_blocks=stack_blocks,
     )
 
 
@@ -176,6 +182,7 @@ def kfe_adamw(
     fallback: Fallback = "diagonal",
     mesh: Mesh | None = None,
     max_factor_dim: int | None = None,
+    stack_blocks: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """KFE-Adam with decoupled weight decay, as ``optax.adamw``: :func:`scale_by_kfe_adam`,
     ``optax.add_decayed_weights(weight_decay, mask)``, ``optax.scale_by_learning_rate``.
@@ -185,7 +192,7 @@ def kfe_adamw(
       weight_decay: the decoupled weight decay (``optax.adamw``'s default, 1e-4).
       mask: which parameters decay (``optax.add_decayed_weights``'s ``mask``).
       blocks, b1, b2, eps, basis_update_every, factor_decay, weight_sharing, fallback, mesh,
-      max_factor_dim: see :func:`scale_by_kfe_adam`.
+      max_factor_dim, stack_blocks: see :func:`scale_by_kfe_adam`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` and ``params`` to
@@ -208,6 +215,7 @@ def kfe_adamw(
             fallback=fallback,
             mesh=mesh,
             max_factor_dim=max_factor_dim,
+            stack_blocks=stack_blocks,
         ),
         *decay,
         optax.scale_by_learning_rate(learning_rate),

@@ -7,8 +7,9 @@ groups of a grouped convolution), so an update groups its blocks by :func:`signa
 the stages read: block type, sizes, bias, curvature dtype, stack, capped sides, the statistics'
 shapes and dtypes), stacks each group's state, gradient matrices and statistics along a new
 leading axis, runs the stages once per group (one batched projection, one stacked ``eigh`` loop,
-one traced body) and unstacks the results. The capture and the optimizer state stay per layer:
-the state's layout does not depend on the grouping, so checkpoints restore whatever the grouping.
+one traced body) and unstacks the results, when the preconditioner's ``stack_blocks`` asks for
+it. The capture and the optimizer state stay per layer: the state's layout does not depend on
+the grouping, so checkpoints restore whatever the grouping.
 
 Embeddings (token ids as inputs, a vocabulary-sized diagonal side) are never grouped; a group of
 one member is processed as it is, without copies.
@@ -59,13 +60,16 @@ def signature(spec: _blocks.BlockSpec, h: jax.Array, delta: jax.Array) -> tuple 
 
 
 def group(
-    specs: Mapping[str, _blocks.BlockSpec], h: Mapping[str, Any], delta: Mapping[str, Any]
+    specs: Mapping[str, _blocks.BlockSpec],
+    h: Mapping[str, Any],
+    delta: Mapping[str, Any],
+    enabled: bool = True,
 ) -> dict[str, Group]:
     """The blocks grouped by :func:`signature`, keyed by each group's first member's path (in
-    the order of ``specs``)."""
+    the order of ``specs``); not ``enabled``: each block its own group."""
     members: dict[Any, list[str]] = {}
     for path, spec in specs.items():
-        key = signature(spec, h[path], delta[path])
+        key = signature(spec, h[path], delta[path]) if enabled else None
         members.setdefault(("alone", path) if key is None else key, []).append(path)
     groups = {}
     for paths in members.values():

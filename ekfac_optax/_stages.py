@@ -1,6 +1,7 @@
 """The stages of one update, per block: factors, eigenbases, preconditioning, fallback.
 
-1. :func:`new_factors`: the moving averages of ``A`` and ``B`` with this batch.
+1. :func:`batch_factors`: this batch's ``A`` and ``B`` of a layer; :func:`new_factors`: their
+   moving averages.
 2. :func:`new_bases`: their eigenbases (amortized: called every ``basis_update_every``
    updates); the scalings restart from KFAC's eigenvalues.
 3. :func:`precondition`: ``U_A [(U_Aᵀ g U_B) / (s + damping)] U_Bᵀ`` with the scalings
@@ -35,26 +36,34 @@ class Config(NamedTuple):
     weight_sharing: _factors.WeightSharing
 
 
-def new_factors(spec, block, h, delta, count, config: Config, attend=None):
-    """Stage 1: the moving averages of the factors, with this batch's ``h`` and ``delta``
-    (and, for a tied embedding, ``attend``: its attend calls' ``(h, delta)``)."""
+def batch_factors(spec, h, delta, config: Config, attend=None):
+    """This batch's factors ``(A, B)`` of one block (``None`` for a diagonal block), from its
+    ``h`` and ``delta`` (and, for a tied embedding, ``attend``: its attend calls' ``(h,
+    delta)``)."""
     if spec.block == "diagonal":
-        return block
+        return None
     if spec.tied:
-        new_a, new_b = _factors.tied_factors(h, delta, *attend, spec.d_in, spec.diagonal_b)
-    elif spec.block == "embed":
+        return _factors.tied_factors(h, delta, *attend, spec.d_in, spec.diagonal_b)
+    if spec.block == "embed":
         new_a = _factors.token_frequencies(h, spec.d_in, spec.dtype)
-        new_b = _factors.factor_b(delta, spec.diagonal_b)
-    else:
+        return new_a, _factors.factor_b(delta, spec.diagonal_b)
 
-        def one(h, delta):
-            h, delta = _factors.shared(h, delta, config.weight_sharing)
-            return (
-                _factors.factor_a(h, spec.has_bias, spec.diagonal_a),
-                _factors.factor_b(delta, spec.diagonal_b),
-            )
+    def one(h, delta):
+        h, delta = _factors.shared(h, delta, config.weight_sharing)
+        return (
+            _factors.factor_a(h, spec.has_bias, spec.diagonal_a),
+            _factors.factor_b(delta, spec.diagonal_b),
+        )
 
-        new_a, new_b = _stacked(one, spec)(h, delta)
+    return _stacked(one, spec)(h, delta)
+
+
+def new_factors(block, fresh, count, config: Config):
+    """Stage 1: the moving averages of the factors with this batch's ``fresh = (A, B)`` of
+    :func:`batch_factors` (a diagonal block, ``fresh=None``: unchanged)."""
+    if fresh is None:
+        return block
+    new_a, new_b = fresh
     return block._replace(
         factor_a=_factors.debiased_ema(block.factor_a, new_a, config.factor_decay, count),
         factor_b=_factors.debiased_ema(block.factor_b, new_b, config.factor_decay, count),

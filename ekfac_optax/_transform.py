@@ -169,9 +169,12 @@ def _scale_by_kfe(
     fallback: Fallback,
     mesh: Mesh | None,
     max_factor_dim: int | None,
+    stack_blocks: bool,
 ) -> optax.GradientTransformationExtraArgs:
     """The shared machinery of :func:`scale_by_ekfac` and :func:`scale_by_kfac`."""
     blocks = _blocks.with_cap(_validation.check_blocks(blocks), max_factor_dim)
+    if not isinstance(stack_blocks, bool):
+        raise TypeError(f"stack_blocks must be True or False, got {stack_blocks!r}")
     if mesh is not None and not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
     _validation.check_hyperparameters(damping, basis_update_every, config.factor_decay)
@@ -236,17 +239,24 @@ def _scale_by_kfe(
         grads = {p: _kinds.to_matrix(_blocks.subtree(updates, p), s) for p, s in specs.items()}
 
         # Same-shaped blocks as one stacked block: the stages below run once per group.
-        groups = _stacking.group(specs, h, delta)
+        groups = _stacking.group(specs, h, delta, stack_blocks)
         gspecs = {key: g.spec for key, g in groups.items()}
+        stats_h, stats_delta = h, delta
         h, delta, grads, blocks_in = (
             _stacking.stack(groups, values) for values in (h, delta, grads, state.blocks)
         )
 
         def with_factors(blocks):
-            return {
-                p: _stages.new_factors(s, blocks[p], h[p], delta[p], count, config, attend.get(p))
-                for p, s in gspecs.items()
-            }
+            # Each layer's factors of this batch from its own statistics (one matmul each, as
+            # fast as a batched one and without copying the statistics), averaged stacked.
+            fresh = _stacking.stack(
+                groups,
+                {
+                    p: _stages.batch_factors(s, stats_h[p], stats_delta[p], config, attend.get(p))
+                    for p, s in specs.items()
+                },
+            )
+            return {p: _stages.new_factors(blocks[p], fresh[p], count, config) for p in gspecs}
 
         # With one-batch factors (factor_decay=0) only the basis updates need them.
         decay = config.factor_decay
@@ -324,6 +334,7 @@ def scale_by_ekfac(
     fallback: Fallback = "diagonal",
     mesh: Mesh | None = None,
     max_factor_dim: int | None = None,
+    stack_blocks: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions with EKFAC: a diagonal scaling in the Kronecker-factored eigenbasis.
 
@@ -350,10 +361,7 @@ def scale_by_ekfac(
       ``s`` restarts from KFAC's ``T S_A ⊗ S_B``.
 
     A stacked block (the copies of a layer in ``nn.scan`` / ``nn.vmap``, the groups of a
-    grouped convolution, ``DenseGeneral`` batch dims) is that many such blocks. Blocks of equal
-    shapes, options and statistics' shapes (the layers of a model written as a Python loop,
-    whatever their kind) are computed as one stacked block: one traced body, one batched
-    projection and one loop of ``eigh`` per distinct shape; the state stays one entry per layer. An
+    grouped convolution, ``DenseGeneral`` batch dims) is that many such blocks. An
     embedding is a block with one-hot inputs, so ``A`` is the diagonal of token
     frequencies and ``U_A = I``. The scale and shift
     of a normalisation layer is a diagonal block, ``g / (s + ε)`` with ``s =
@@ -419,6 +427,13 @@ def scale_by_ekfac(
         float32 factor and basis ``8 d²`` bytes (134 MB at 4096, 537 MB at 8192) and
         a float32 ``eigh`` measured at 3.9 s on a 2-core CPU (0.7 s at 2048, 29 s at
         8192; about 30 minutes at a 32768-token vocabulary by the cubic growth).
+      stack_blocks: compute the blocks of equal shapes, options and statistics' shapes (the
+        layers of a model written as a Python loop, whatever their kind) as one stacked block:
+        one traced body, one batched projection and one loop of ``eigh`` per distinct shape,
+        with equal results (tested in float64). The state stays one entry per layer, so it
+        does not depend on this choice. Off by default: on a 2-core CPU it made neither the
+        compile nor the step faster (``benchmarks/results/depth.md``): XLA's CPU runtime runs
+        the per-layer operations side by side, and stacking adds copies of the state.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
@@ -456,7 +471,7 @@ def scale_by_ekfac(
     rule = rules[scaling](scaling_decay=scaling_decay)
     config = _stages.Config(rule, factor_decay, damping_mode, weight_sharing)
     return _scale_by_kfe(
-        blocks, damping, basis_update_every, config, fallback, mesh, max_factor_dim
+        blocks, damping, basis_update_every, config, fallback, mesh, max_factor_dim, stack_blocks
     )
 
 
@@ -471,6 +486,7 @@ def scale_by_kfac(
     fallback: Fallback = "diagonal",
     mesh: Mesh | None = None,
     max_factor_dim: int | None = None,
+    stack_blocks: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions with KFAC, computed in the same eigenbasis machinery.
 
@@ -498,6 +514,7 @@ def scale_by_kfac(
       fallback: ``"diagonal"`` or ``"identity"``, for the parameters in no block.
       mesh: devices to spread the eigendecompositions over; see
         :func:`scale_by_ekfac`.
+      stack_blocks: see :func:`scale_by_ekfac`.
       max_factor_dim: a factor side above it keeps only its diagonal, ``diag(A)`` or
         ``diag(B)`` in place of ``S_A`` or ``S_B`` (``T diag(A) ⊗ B``); see
         :func:`scale_by_ekfac`.
@@ -514,7 +531,7 @@ def scale_by_kfac(
     rule = _scalings.KfacScaling(factor_decay=factor_decay)
     config = _stages.Config(rule, factor_decay, damping_mode, weight_sharing)
     return _scale_by_kfe(
-        blocks, damping, basis_update_every, config, fallback, mesh, max_factor_dim
+        blocks, damping, basis_update_every, config, fallback, mesh, max_factor_dim, stack_blocks
     )
 
 
@@ -530,6 +547,7 @@ def scale_by_kfe_adam(
     fallback: Fallback = "diagonal",
     mesh: Mesh | None = None,
     max_factor_dim: int | None = None,
+    stack_blocks: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam in the Kronecker-factored eigenbasis (KFE-Adam).
 
@@ -560,8 +578,8 @@ def scale_by_kfe_adam(
       b1: decay of the first moment, in ``[0, 1)``.
       b2: decay of the second moment, in ``[0, 1)``.
       eps: ``>= 0``, added to ``√ν̂``.
-      basis_update_every, factor_decay, weight_sharing, mesh, max_factor_dim: see
-        :func:`scale_by_ekfac`.
+      basis_update_every, factor_decay, weight_sharing, mesh, max_factor_dim, stack_blocks:
+        see :func:`scale_by_ekfac`.
       fallback: ``"diagonal"`` (Adam on the parameters in no block) or ``"identity"``.
 
     Returns:
@@ -592,4 +610,6 @@ def scale_by_kfe_adam(
     """
     rule = _scalings.AdamScaling(b1=b1, b2=b2, eps=eps)
     config = _stages.Config(rule, factor_decay, "tikhonov", weight_sharing)
-    return _scale_by_kfe(blocks, 0.0, basis_update_every, config, fallback, mesh, max_factor_dim)
+    return _scale_by_kfe(
+        blocks, 0.0, basis_update_every, config, fallback, mesh, max_factor_dim, stack_blocks
+    )
