@@ -281,14 +281,15 @@ def methods(kfac_jax: Any) -> dict[str, tuple[int, Callable[[Problem], Runner]]]
 
 # --- Components of a step and the flop model ----------------------------------------------------
 
-COMPONENTS = (
+COMPONENTS = (  # the stages of the library's update (ekfac_optax/_step.py), and fwd/bwd
     "fwd/bwd",
-    "fwd/bwd + stats",
+    "capture",
     "factors",
-    "eigh",
-    "projections",
-    "s* batch",
-    "s* running",
+    "basis",
+    "precondition KFAC",
+    "precondition EKFAC-ra",
+    "precondition EKFAC",
+    "guard",
 )
 EIGH_FLOPS_PER_N3 = 9  # symmetric QR with eigenvectors, ~9 n^3 (Golub & Van Loan, §8.3)
 
@@ -320,106 +321,125 @@ def block_shapes(problem: Problem) -> list[tuple[int, int, int, int]]:
 
 
 def component_flops(problem: Problem) -> dict[str, float]:
-    """Floating-point operations of each component of a step, summed over the blocks.
+    """Floating-point operations of each stage of a step, summed over the blocks.
 
     Per block with batch ``N``, ``T`` positions, ``a = d_in (+1)``, ``b = d_out``: forward and
-    backward ``6 N T a b``; the factors ``hᵀh``, ``δᵀδ``: ``2 N T (a² + b²)``; one eigenbasis:
-    ``9 (a³ + b³)``; the projections ``U_Aᵀ g U_B`` and back: ``4 (a² b + a b²)``; EKFAC's batch
-    ``s*``: the inputs and output gradients into the KFE, ``2 N T (a² + b²)``, then the squared
-    per-example gradients, ``2 N a b`` for ``T = 1`` (else the cheaper of ``2 N T a b`` and the
-    position-Gramian path ``2 N T² a b``); EKFAC-ra's running ``s*``: ``3 a b``. The capture of
-    ``h`` and ``δ`` adds no multiply-adds to dense layers (the patches of a conv layer are counted
-    in the forward pass).
+    backward ``6 N T a b`` (the capture of ``h`` and ``δ`` adds no multiply-adds to dense
+    layers; the patches of a conv layer are counted in the forward pass); the factors ``hᵀh``,
+    ``δᵀδ``: ``2 N T (a² + b²)``; one eigenbasis: ``9 (a³ + b³)``; the preconditioning, the
+    projections ``U_Aᵀ g U_B`` and back: ``4 (a² b + a b²)``, plus EKFAC-ra's running ``s*``
+    ``3 a b``, or EKFAC's batch ``s*``: the inputs and output gradients into the KFE,
+    ``2 N T (a² + b²)``, then the squared per-example gradients, ``2 N a b`` for ``T = 1`` (else
+    the cheaper of ``2 N T a b`` and the position-Gramian path ``2 N T² a b``). The guard reads
+    arrays and computes nothing worth counting: its model is 0.
     """
     out = dict.fromkeys(COMPONENTS, 0.0)
     for n, t, a, b in block_shapes(problem):
+        projections = 4 * (a * a * b + a * b * b)
+        per_example = 2 * n * a * b if t == 1 else 2 * n * t * a * b * min(1, t * (a + b) / (a * b))
         out["fwd/bwd"] += 6 * n * t * a * b
         out["factors"] += 2 * n * t * (a * a + b * b)
-        out["eigh"] += EIGH_FLOPS_PER_N3 * (a**3 + b**3)
-        out["projections"] += 4 * (a * a * b + a * b * b)
-        per_example = 2 * n * a * b if t == 1 else 2 * n * t * a * b * min(1, t * (a + b) / (a * b))
-        out["s* batch"] += 2 * n * t * (a * a + b * b) + per_example
-        out["s* running"] += 3 * a * b
-    out["fwd/bwd + stats"] = out["fwd/bwd"]
+        out["basis"] += EIGH_FLOPS_PER_N3 * (a**3 + b**3)
+        out["precondition KFAC"] += projections
+        out["precondition EKFAC-ra"] += projections + 3 * a * b
+        out["precondition EKFAC"] += projections + 2 * n * t * (a * a + b * b) + per_example
+    out["capture"] = out["fwd/bwd"]
     return out
 
 
 def component_seconds(problem: Problem, reps: int) -> dict[str, float]:
-    """Measured seconds of each component, each jitted on its own, with real statistics.
+    """Measured seconds of each stage of the library's update, each jitted on its own.
 
-    The factors and eigenbases come from the problem's own batch, so ``eigh`` sees the spectra
-    of real covariances (on CPU much slower to decompose than random matrices).
+    The stages are the library's own functions (``ekfac_optax/_step.py``, as
+    ``scale_by_ekfac``'s update calls them, at its ``HIGHEST`` matmul precision) on the
+    problem's real statistics, gradients and state after one update, so that ``basis``
+    decomposes the spectra of real covariances (on CPU much slower than random matrices').
     """
-    from ekfac_optax import _blocks, _eigenbasis, _factors, _kinds, _scalings
+    from ekfac_optax import _scalings, _stages, _step, _validation
 
     loss_fn = softmax_loss(problem)
-    specs = problem.blocks
     grad_stats = jax.jit(ek.value_grad_and_stats(loss_fn))
     _, grads, stats = grad_stats(problem.params, problem.x, problem.y)
+    tx = ek.scale_by_ekfac(blocks=problem.blocks, damping=DAMPING, factor_decay=FACTOR_DECAY)
+    state = tx.init(problem.params)
+    _, state = jax.jit(lambda g, s, st: tx.update(g, s, stats=st))(grads, state, stats)
+    specs = _validation.check_update(grads, state, _blocks_with_cap(problem.blocks))
+    rules = {
+        "KFAC": _scalings.KfacScaling(factor_decay=FACTOR_DECAY),
+        "EKFAC-ra": _scalings.RunningScaling(scaling_decay=FACTOR_DECAY),
+        "EKFAC": _scalings.BatchScaling(scaling_decay=FACTOR_DECAY),
+    }
+    configs = {
+        name: _stages.Config(rule, FACTOR_DECAY, "tikhonov", "expand")
+        for name, rule in rules.items()
+    }
 
-    def factors(stats):
-        return {
-            p: (_factors.factor_a(stats[p].h, s.has_bias), _factors.factor_b(stats[p].delta))
-            for p, s in specs.items()
-        }
+    def stage(fn):
+        """``fn(batch, blocks, *rest)`` jitted over ``(grads, stats, blocks, *rest)``."""
 
-    def eigh(factors):
-        return {
-            p: (jnp.linalg.eigh(fa)[1], jnp.linalg.eigh(fb)[1]) for p, (fa, fb) in factors.items()
-        }
+        def run(grads, stats, blocks, *rest):
+            with jax.default_matmul_precision("highest"):
+                batch = _step.prepare(specs, grads, stats, state.count, DAMPING, False)
+                return fn(batch, blocks, *rest)
 
-    def projections(grads, bases):
-        out = {}
-        for p, spec in specs.items():
-            basis_a, basis_b = bases[p]
-            g = _eigenbasis.to_eigenbasis(
-                _kinds.to_matrix(_blocks.subtree(grads, p), spec), basis_a, basis_b
-            )
-            out[p] = _eigenbasis.from_eigenbasis(g / (g * g + 1.0), basis_a, basis_b)
-        return out
+        return jax.jit(run)
 
-    def batch_s(stats, bases):
-        return {
-            p: _scalings.batch_scalings(
-                _eigenbasis.inputs_to_eigenbasis(stats[p].h, bases[p][0], s.has_bias),
-                stats[p].delta @ bases[p][1],
-            )
-            for p, s in specs.items()
-        }
-
-    def running_s(grads_kfe, scalings):
-        return {
-            p: _scalings.running_scalings(scalings[p], g, 128, 0.95) for p, g in grads_kfe.items()
-        }
-
-    fac = jax.jit(factors)(stats)
-    bases = jax.jit(eigh)(fac)
-    kfe = {p: jnp.ones((s.d_in_aug, s.d_out), jnp.float32) for p, s in specs.items()}
+    args = (grads, stats, state.blocks)
+    preconditioned = stage(lambda b, blocks: _step.precondition(b, blocks, configs["KFAC"]))(*args)
     eigh_reps = 1 if is_large(problem) else reps
-    return {
+    out = {
         "fwd/bwd": median_seconds(
             jax.jit(jax.grad(loss_fn)), (problem.params, problem.x, problem.y), reps
         ),
-        "fwd/bwd + stats": median_seconds(grad_stats, (problem.params, problem.x, problem.y), reps),
-        "factors": median_seconds(jax.jit(factors), (stats,), reps),
-        "eigh": median_seconds(jax.jit(eigh), (fac,), eigh_reps),
-        "projections": median_seconds(jax.jit(projections), (grads, bases), reps),
-        "s* batch": median_seconds(jax.jit(batch_s), (stats, bases), reps),
-        "s* running": median_seconds(jax.jit(running_s), (kfe, kfe), reps),
+        "capture": median_seconds(grad_stats, (problem.params, problem.x, problem.y), reps),
+        "factors": median_seconds(
+            stage(lambda b, blocks: _step.factors(b, blocks, configs["KFAC"])), args, reps
+        ),
+        "basis": median_seconds(
+            stage(lambda b, blocks: _step.basis(b, blocks, None, configs["EKFAC-ra"])),
+            args,
+            eigh_reps,
+        ),
+        "guard": median_seconds(
+            stage(lambda b, blocks, updates: _step.guard(b, updates, blocks, False)),
+            (*args, preconditioned[0]),
+            reps,
+        ),
     }
+    for name, config in configs.items():
+        out[f"precondition {name}"] = median_seconds(
+            stage(lambda b, blocks, config=config: _step.precondition(b, blocks, config)),
+            args,
+            reps,
+        )
+    return out
+
+
+def _blocks_with_cap(blocks):
+    """The blocks as the preconditioner sees them (with its default cap on factor sides)."""
+    from ekfac_optax import _blocks
+
+    return _blocks.with_cap(blocks, None)
 
 
 def method_components(name: str, period: int) -> dict[str, float]:
-    """How many of each component one step of a method runs (the eigenbasis amortized)."""
+    """How many of each stage one step of a method runs (the eigenbasis amortized)."""
     if period == 0:  # Adam, SGD
         return {"fwd/bwd": 1.0}
-    counts = {"fwd/bwd + stats": 1.0, "factors": 1.0, "projections": 1.0}
-    counts["eigh"] = 0.0 if period == NEVER else 1.0 / period
-    if name.startswith("ekfac-ra"):
-        counts["s* running"] = 1.0
-    elif name.startswith("ekfac"):
-        counts["s* batch"] = 1.0
-    return counts
+    rule = (
+        "EKFAC-ra"
+        if name.startswith("ekfac-ra")
+        else "EKFAC"
+        if name.startswith("ekfac")
+        else "KFAC"
+    )
+    return {
+        "capture": 1.0,
+        "factors": 1.0,
+        "basis": 0.0 if period == NEVER else 1.0 / period,
+        f"precondition {rule}": 1.0,
+        "guard": 1.0,
+    }
 
 
 # --- Measurement ---------------------------------------------------------------------------------
@@ -512,6 +532,32 @@ def model_seconds(name: str, period: int, comp_flops: dict[str, float], gflops: 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def stages_section(components, problems_, gflops: float, reps: int) -> list[str]:
+    """The report's lines on the stages: each timed on its own, next to its flop model."""
+    lines = [
+        "Each stage of the library's update (`ekfac_optax/_step.py`: the functions the update "
+        f"calls) jitted and timed on its own (median of {reps}; the basis once on the 4096-wide "
+        "MLP), with the problem's real statistics, gradients and state after one update. "
+        "Model: the stage's floating-point operations (see `component_flops`) "
+        f"at the machine's measured float32 matmul throughput, **{gflops:.1f} GFLOP/s** "
+        "(2048x2048 matmul). Cells: measured ms (model ms; measured / model).",
+        "",
+    ]
+    rows = []
+    for c in COMPONENTS:
+        cells = []
+        for problem in problems_:
+            seconds, flops = components[problem]
+            model = flops[c] / gflops / 1e6
+            cells.append(
+                f"{seconds[c] * 1e3:.3g} ({model:.2g}; {seconds[c] * 1e3 / model:.1f}x)"
+                if model > 0
+                else f"{seconds[c] * 1e3:.3g}"
+            )
+        rows.append([c, *cells])
+    return lines + table(["stage", *problems_], rows)
 
 
 def write_outputs(
@@ -611,35 +657,14 @@ def write_outputs(
         rows.append([label, *(cell(v, "{:.2f}") for v in values)])
     lines += ["", "## Ratios", ""] + table(["ratio", *problems_], rows)
 
-    lines += ["", "## Components of a step and the flop model", ""]
-    lines += [
-        f"Each component jitted and timed on its own (median of {reps}; the eigendecomposition "
-        "once on the 4096-wide MLP), summed over the layers, with the problem's real statistics "
-        "and factors. Model: the component's floating-point operations (see `component_flops`) "
-        f"at the machine's measured float32 matmul throughput, **{gflops:.1f} GFLOP/s** "
-        "(2048x2048 matmul). Cells: measured ms (model ms; measured / model).",
-        "",
-    ]
-    rows = []
-    for c in COMPONENTS:
-        cells = []
-        for problem in problems_:
-            seconds, flops = components[problem]
-            model = flops[c] / gflops / 1e6
-            cells.append(
-                f"{seconds[c] * 1e3:.3g} ({model:.2g}; {seconds[c] * 1e3 / model:.1f}x)"
-                if model > 0
-                else f"{seconds[c] * 1e3:.3g}"
-            )
-        rows.append([c, *cells])
-    lines += table(["component", *problems_], rows)
-
+    lines += ["", "## Stages of a step and the flop model", ""]
+    lines += stages_section(components, problems_, gflops, reps)
     lines += ["", "## Where the time of a step goes", ""]
     lines += [
         "Share of the measured step time taken by each component (its time on its own × how "
         "often the method runs it: the eigendecomposition once per period); *rest* is what the "
-        "components do not account for (the EMA of the factors, the damping and division, the "
-        "non-finite guard, applying the update, dispatch).",
+        "components do not account for (preparing the batch's arrays, the fallback, the "
+        "write-back, applying the update, dispatch).",
         "",
     ]
     rows = []
@@ -798,9 +823,35 @@ def write_outputs(
     return csv_path, md_path, png_path
 
 
+def stages_only(args, reps: int, command: str, log) -> str:
+    """``--stages``: the stages of every problem, timed on their own, in
+    ``step_cost_stages.md``; returns its path."""
+    gflops = matmul_gflops(max(reps, 3))
+    components = {}
+    for problem in problems(args.quick):
+        components[problem.name] = (component_seconds(problem, reps), component_flops(problem))
+        log(
+            f"{problem.name}: "
+            + ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in components[problem.name][0].items())
+        )
+    lines = ["# Stages of a step and the flop model", ""]
+    lines += [f"Machine: {machine_info()}. Command: `{command}`.", ""]
+    lines += stages_section(components, list(components), gflops, reps)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "step_cost_stages.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict[str, str | None]:
     parser = base_parser(__doc__, quick="one tiny MLP, few repetitions", seed=False)
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 2)")
+    parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="time only the stages of the update (step_cost_stages.md), not the methods",
+    )
     args = parser.parse_args(argv)
     reps = args.reps or (2 if args.quick else 3)
     k_min, target_s = (2, 0.01) if args.quick else (10, 0.5)
@@ -812,6 +863,8 @@ def main(argv: list[str] | None = None) -> dict[str, str | None]:
         print(msg, flush=True)
 
     start = time.perf_counter()
+    if args.stages:
+        return {"md": stages_only(args, reps, command.strip(), log)}
     kfac_jax, reason = kfac_jax_status(probe_kfac_jax)
     if kfac_jax is None:
         log(f"kfac-jax unavailable: {reason}")

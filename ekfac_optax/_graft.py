@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ekfac_optax._transform import _all_finite, _select
+from ekfac_optax._step import all_finite, select
 
 
 class GraftState(NamedTuple):
@@ -84,10 +84,10 @@ def graft(
     def update_fn(updates, state, params=None, **extra_args):
         m, magnitude_state = magnitude.update(updates, state.magnitude, params, **extra_args)
         d, direction_state = direction.update(updates, state.direction, params, **extra_args)
-        finite = _all_finite((updates, m, d))
+        finite = all_finite((updates, m, d))
         grafted = jax.tree.map(_grafted, m, d)
         zeros = jax.tree.map(jnp.zeros_like, d)
-        magnitude_state, new_updates = _select(
+        magnitude_state, new_updates = select(
             finite, (magnitude_state, grafted), (state.magnitude, zeros)
         )
         return new_updates, GraftState(magnitude=magnitude_state, direction=direction_state)

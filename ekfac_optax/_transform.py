@@ -26,7 +26,16 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from ekfac_optax import _blocks, _factors, _kinds, _scalings, _stacking, _stages, _validation
+from ekfac_optax import (
+    _blocks,
+    _factors,
+    _kinds,
+    _scalings,
+    _stacking,
+    _stages,
+    _step,
+    _validation,
+)
 
 Fallback = Literal["diagonal", "identity"]
 ScalarOrSchedule = jax.typing.ArrayLike | optax.Schedule
@@ -112,39 +121,6 @@ class ScaleByEkfacState(NamedTuple):
     skipped: jax.Array
     blocks: dict[str, BlockState | EmbedState | DiagonalState]
     fallback: dict[str, jax.Array]
-
-
-def _all_finite(tree: Any) -> jax.Array:
-    """Whether every number in ``tree`` is finite, as a ``()`` bool."""
-    leaves = jax.tree.leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
-
-
-def _may_overflow(blocks: Mapping[str, Any]) -> list:
-    """The arrays of new block states that can become non-finite: factors and scalings. The
-    eigenvalues and bases cannot: ``safe_eigh`` keeps the previous pair when a decomposition is
-    not finite (a capped side's eigenvalues are its factor, checked as the factor). Each array
-    checked costs a kernel to compile (a 12-block LM's update: 13.2 s compile with every array
-    checked, 5.1 s with none) and a pass over it per step."""
-    return [
-        [
-            getattr(block, name)
-            for name in ("factor_a", "factor_b", "scalings")
-            if hasattr(block, name)
-        ]
-        for block in blocks.values()
-    ]
-
-
-def _select(finite: jax.Array, applied: Any, rejected: Any) -> Any:
-    """``applied`` if ``finite`` else ``rejected`` (trees of one structure), by one ``lax.cond``.
-
-    Not a ``jnp.where`` per array: XLA fuses the whole chain of per-array checks behind
-    ``finite`` into each array's select, a program (and a compile time) growing with arrays
-    times checks, the square of a model's depth (measured on a 6-block LM's update: 45,000
-    ``and`` operations, most of its program).
-    """
-    return jax.lax.cond(finite, lambda: applied, lambda: rejected)
 
 
 def _init_block(spec: _blocks.BlockSpec, rule: _scalings.ScalingRule):
@@ -239,50 +215,20 @@ def _scale_by_kfe(
         _validation.check_stats(stats, specs)
         count = state.count
         damping_now = damping(count) if callable(damping) else damping
-        n = next((stats[p].delta.shape[-3] for p in specs), 1)
 
-        # This batch's statistics and gradients, in the curvature dtype.
-        h = {
-            p: stats[p].h if s.block == "embed" else stats[p].h.astype(s.dtype)
-            for p, s in specs.items()
-        }
-        delta = {p: stats[p].delta.astype(s.dtype) for p, s in specs.items()}
-        attend = {  # the attend calls of tied embeddings (never grouped: keyed by their path)
-            p: (stats[p].attend_h.astype(s.dtype), stats[p].attend_delta.astype(s.dtype))
-            for p, s in specs.items()
-            if s.tied
-        }
-        grads = {p: _kinds.to_matrix(_blocks.subtree(updates, p), s) for p, s in specs.items()}
-
-        # Same-shaped blocks as one stacked block: the stages below run once per group.
-        groups = _stacking.group(specs, h, delta, stack_blocks)
-        gspecs = {key: g.spec for key, g in groups.items()}
-        stats_h, stats_delta = h, delta
-        h, delta, grads, blocks_in = (
-            _stacking.stack(groups, values) for values in (h, delta, grads, state.blocks)
-        )
-
-        def with_factors(blocks):
-            # Each layer's factors of this batch from its own statistics (one matmul each, as
-            # fast as a batched one and without copying the statistics), averaged stacked.
-            fresh = _stacking.stack(
-                groups,
-                {
-                    p: _stages.batch_factors(s, stats_h[p], stats_delta[p], config, attend.get(p))
-                    for p, s in specs.items()
-                },
-            )
-            return {p: _stages.new_factors(blocks[p], fresh[p], count, config) for p in gspecs}
+        batch = _step.prepare(specs, updates, stats, count, damping_now, stack_blocks)
 
         # With one-batch factors (factor_decay=0) only the basis updates need them.
         decay = config.factor_decay
         one_batch = isinstance(decay, numbers.Real) and decay == 0
-        new_blocks = blocks_in if one_batch else with_factors(blocks_in)
+        new_blocks = _stacking.stack(batch.groups, state.blocks)
+        if not one_batch:
+            new_blocks = _step.factors(batch, new_blocks, config)
 
         # Amortized: the eigenbasis on updates 0, n, 2n, ...
         def new_basis(blocks):
-            blocks = with_factors(blocks) if one_batch else blocks
-            return _stages.new_bases(gspecs, blocks, h, mesh, config)
+            blocks = _step.factors(batch, blocks, config) if one_batch else blocks
+            return _step.basis(batch, blocks, mesh, config)
 
         if isinstance(basis_update_every, numbers.Integral) and basis_update_every == 1:
             new_blocks = new_basis(new_blocks)
@@ -290,56 +236,34 @@ def _scale_by_kfe(
             every = basis_update_every
             new_blocks = jax.lax.cond(count % every == 0, new_basis, lambda b: b, new_blocks)
 
-        preconditioned = {}
-        for key, spec in gspecs.items():
-            preconditioned[key], new_blocks[key] = _stages.precondition(
-                spec,
-                new_blocks[key],
-                grads[key],
-                h[key],
-                delta[key],
-                n,
-                count,
-                damping_now,
-                config,
-                attend.get(key),
-            )
-        # A non-finite input shows in what it feeds: h and delta in the factors (every step,
-        # unless factor_decay=0) and in the batch s*, the gradients in the preconditioned updates.
-        # Checked directly: the stats that may feed nothing (diagonal blocks, one-batch factors).
-        unfed = {
-            key: (h[key], delta[key], attend.get(key))
-            for key, spec in gspecs.items()
-            if one_batch or spec.block == "diagonal"
-        }
-        finite_blocks = _all_finite((unfed, preconditioned, _may_overflow(new_blocks)))
-        preconditioned = _stacking.unstack(groups, preconditioned)
-        new_blocks = _stacking.unstack(groups, new_blocks)
-        new_layers = {
-            path: _kinds.from_matrix(preconditioned[path], _blocks.subtree(updates, path), spec)
-            for path, spec in specs.items()
-        }
-        new_updates = _blocks.replace_blocks(updates, new_layers)
+        preconditioned, new_blocks = _step.precondition(batch, new_blocks, config)
         fallback_updates, new_fallback = {}, {}
         if fallback == "diagonal":
             leaves = _blocks.fallback_leaves(updates, blocks)
             fallback_updates, new_fallback = _stages.fallback(
-                leaves, state.fallback, n, count, damping_now, config
+                leaves, state.fallback, batch.n, count, damping_now, config
             )
-            new_updates = _replace_leaves(new_updates, fallback_updates)
-
-        # A step with a non-finite input or result changes nothing but `skipped`.
         passed = _blocks.fallback_leaves(updates, blocks) if fallback == "identity" else {}
-        finite = finite_blocks & _all_finite((passed, fallback_updates, new_fallback))
+        finite = _step.guard(
+            batch, preconditioned, new_blocks, one_batch, (passed, fallback_updates, new_fallback)
+        )
+
+        # Write back per layer; a non-finite update changes nothing but `skipped`.
+        preconditioned = _stacking.unstack(batch.groups, preconditioned)
+        new_layers = {
+            path: _kinds.from_matrix(preconditioned[path], _blocks.subtree(updates, path), spec)
+            for path, spec in specs.items()
+        }
+        new_updates = _replace_leaves(_blocks.replace_blocks(updates, new_layers), fallback_updates)
         applied = ScaleByEkfacState(
             count=optax.safe_increment(count),
             skipped=state.skipped,
-            blocks=new_blocks,
+            blocks=_stacking.unstack(batch.groups, new_blocks),
             fallback=new_fallback,
         )
         rejected = state._replace(skipped=optax.safe_increment(state.skipped))
         zeros = jax.tree.map(jnp.zeros_like, new_updates)
-        new_state, new_updates = _select(finite, (applied, new_updates), (rejected, zeros))
+        new_state, new_updates = _step.select(finite, (applied, new_updates), (rejected, zeros))
         return jax.tree.unflatten(structure, jax.tree.leaves(new_updates)), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -31,3 +31,14 @@ def test_step_cost_quick_writes_finite_positive_times(tmp_path):
         assert int(row["state_bytes"]) > 0
         assert row["finite_params"] == "True"
     assert "## Goals" in (tmp_path / "step_cost.md").read_text()
+
+
+def test_step_cost_stages_times_every_stage_of_the_library(tmp_path):
+    out = step_cost.main(["--quick", "--stages", "--out", str(tmp_path)])
+
+    text = (tmp_path / "step_cost_stages.md").read_text()
+    assert out["md"] == str(tmp_path / "step_cost_stages.md")
+    for stage in step_cost.COMPONENTS:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {stage} |"))
+        first = row.split("|")[2].split()[0]
+        assert math.isfinite(float(first)) and float(first) > 0, row
