@@ -213,6 +213,10 @@ def test_stack_blocks_is_a_static_bool_also_through_the_aliases_and_inject_hyper
     injected = optax.inject_hyperparams(ek.ekfac, static_args=("stack_blocks",))(
         0.1, blocks=blocks, stack_blocks=True, basis_update_every=EVERY
     )
+    # The state's layout does not depend on the grouping: a checkpoint of either restores into
+    # the other.
+    per_layer_state = ek.ekfac(0.1, blocks=blocks).init(params)
+    assert jax.tree.structure(alias.init(params)) == jax.tree.structure(per_layer_state)
     chained = optax.chain(_make("ekfac", blocks, stack_blocks=True), optax.scale(-0.1))
     outs = [_run(loss_fn, params, batches[:2], tx)[0] for tx in (alias, injected, chained)]
     for out in outs[1:]:
