@@ -35,6 +35,8 @@ SLOW_CASES = {
     "test_stacking.py::test_stacked_updates_equal_per_layer_updates[ekfac_ra-cnn]",
     "test_stacking.py::test_stacked_updates_equal_per_layer_updates[kfac-cnn]",
     "test_stacking.py::test_stacked_updates_equal_per_layer_updates[kfe_adam-cnn]",
+    "test_stacking.py::test_stacked_updates_equal_per_layer_updates[kfe_adam-mlp]",
+    "test_stacking.py::test_stacked_updates_equal_per_layer_updates[kfac-mlp]",
     "test_mixed_precision.py::test_bfloat16_language_model_trains_with_every_method[f32_params]",
     "test_kfe_adam.py::test_momentum_for_ekfac_is_a_trace_of_the_preconditioned_updates",
     "test_kfe_adam.py::test_kfe_adam_trains_a_tied_language_model_in_bfloat16[uncapped]",
