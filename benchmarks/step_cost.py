@@ -355,7 +355,7 @@ def component_seconds(problem: Problem, reps: int) -> dict[str, float]:
     problem's real statistics, gradients and state after one update, so that ``basis``
     decomposes the spectra of real covariances (on CPU much slower than random matrices').
     """
-    from ekfac_optax import _scalings, _stages, _step, _validation
+    from ekfac_optax import _blocks, _scalings, _stages, _step, _validation
 
     loss_fn = softmax_loss(problem)
     grad_stats = jax.jit(ek.value_grad_and_stats(loss_fn))
@@ -363,7 +363,7 @@ def component_seconds(problem: Problem, reps: int) -> dict[str, float]:
     tx = ek.scale_by_ekfac(blocks=problem.blocks, damping=DAMPING, factor_decay=FACTOR_DECAY)
     state = tx.init(problem.params)
     _, state = jax.jit(lambda g, s, st: tx.update(g, s, stats=st))(grads, state, stats)
-    specs = _validation.check_update(grads, state, _blocks_with_cap(problem.blocks))
+    specs = _validation.check_update(grads, state, _blocks.with_cap(problem.blocks, None))
     rules = {
         "KFAC": _scalings.KfacScaling(factor_decay=FACTOR_DECAY),
         "EKFAC-ra": _scalings.RunningScaling(scaling_decay=FACTOR_DECAY),
@@ -413,13 +413,6 @@ def component_seconds(problem: Problem, reps: int) -> dict[str, float]:
             reps,
         )
     return out
-
-
-def _blocks_with_cap(blocks):
-    """The blocks as the preconditioner sees them (with its default cap on factor sides)."""
-    from ekfac_optax import _blocks
-
-    return _blocks.with_cap(blocks, None)
 
 
 def method_components(name: str, period: int) -> dict[str, float]:

@@ -237,13 +237,13 @@ def _scale_by_kfe(
             new_blocks = jax.lax.cond(count % every == 0, new_basis, lambda b: b, new_blocks)
 
         preconditioned, new_blocks = _step.precondition(batch, new_blocks, config)
-        fallback_updates, new_fallback = {}, {}
+        leaves = _blocks.fallback_leaves(updates, blocks)
+        passed, fallback_updates, new_fallback = leaves, {}, {}  # "identity": passed through
         if fallback == "diagonal":
-            leaves = _blocks.fallback_leaves(updates, blocks)
+            passed = {}
             fallback_updates, new_fallback = _stages.fallback(
                 leaves, state.fallback, batch.n, count, damping_now, config
             )
-        passed = _blocks.fallback_leaves(updates, blocks) if fallback == "identity" else {}
         finite = _step.guard(
             batch, preconditioned, new_blocks, one_batch, (passed, fallback_updates, new_fallback)
         )
