@@ -4,6 +4,7 @@ George, Laurent, Bouthillier, Ballas, Vincent. Fast Approximate Natural
 Gradient Descent in a Kronecker-factored Eigenbasis. NeurIPS 2018.
 """
 
+from ekfac_optax._accumulate import MultiStepsState, multi_steps
 from ekfac_optax._alias import ekfac, kfac, kfe_adam, kfe_adamw
 from ekfac_optax._blocks import Blocks, BlockSpec, block_labels
 from ekfac_optax._capture import LayerStats, find_blocks, value_grad_and_stats
@@ -30,6 +31,7 @@ __all__ = [
     "EmbedState",
     "GraftState",
     "LayerStats",
+    "MultiStepsState",
     "ParameterRow",
     "ScaleByEkfacState",
     "Summary",
@@ -40,6 +42,7 @@ __all__ = [
     "kfac",
     "kfe_adam",
     "kfe_adamw",
+    "multi_steps",
     "restore_state",
     "save_state",
     "scale_by_ekfac",

@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -291,6 +291,9 @@ class ScalingRule:
     :meth:`diagonal` and :meth:`fallback`; a rule of another form overrides the steps."""
 
     name = "rule"
+    # The kinds of blocks whose step reads ``Context.batch`` (``s*`` of the batch): what a
+    # micro-batch of an accumulated step must measure for this rule (``_microbatch``).
+    reads_batch: ClassVar[frozenset[str]] = frozenset()
 
     def check(self) -> None:
         """Raises ValueError, naming the hyperparameter, for a value out of range."""
@@ -355,6 +358,7 @@ class KfacScaling(ScalingRule):
 
     factor_decay: Any = 0.95
     name = "kfac"
+    reads_batch = frozenset({"diagonal"})
 
     def check(self):
         _check_decay("factor_decay", self.factor_decay)
@@ -390,6 +394,7 @@ class BatchScaling(_EkfacScaling):
     averages ``N g²`` with ``scaling_decay``."""
 
     name = "batch"
+    reads_batch = frozenset({"kronecker", "embed", "diagonal"})
 
     def kfe(self, s, context):
         return context.batch()

@@ -148,50 +148,92 @@ def _kfe_step(block, grad, basis_a, batch, n, count, damping, positions, config:
     return config.rule.step(block.scalings, context, divide)
 
 
-def precondition(spec, block, grad, h, delta, n, count, damping, config: Config, attend=None):
+def _member_second_moments(spec, basis_a, basis_b, h, delta, attend=None):
+    """:func:`batch_second_moments` of one member of a stacked block (or of an embedding)."""
+    if spec.block == "diagonal":
+        per_example = _scalings.scale_and_shift_grads(h, delta, spec.names)
+        return jnp.mean(per_example**2, axis=0)
+    delta_kfe = _eigenbasis.outputs_to_eigenbasis(delta, basis_b)
+    if spec.tied:
+        attend_h, attend_delta = attend
+        attend_kfe = _eigenbasis.outputs_to_eigenbasis(attend_h, basis_b)
+        return _scalings.tied_embedding_batch_scalings(h, delta_kfe, attend_delta, attend_kfe)
+    if spec.block == "embed":
+        return _scalings.embedding_batch_scalings(h, delta_kfe, spec.d_in)
+    h_kfe = _eigenbasis.inputs_to_eigenbasis(h, basis_a, spec.has_bias)
+    return _scalings.batch_scalings(h_kfe, delta_kfe)
+
+
+def batch_second_moments(spec, block, h, delta, attend=None):
+    """``s*`` of this batch for one block: the mean over examples of the squared per-example
+    gradients in the block's KFE, ``(U_Aᵀ G_n U_B)²``, or of a diagonal block's exact
+    per-example gradients (``attend``: a tied embedding's attend calls' ``(h, delta)``)."""
+    if spec.block == "embed":
+        return _member_second_moments(spec, None, block.basis_b, h, delta, attend)
+    bases = (None, None) if spec.block == "diagonal" else (block.basis_a, block.basis_b)
+
+    def one(basis_a, basis_b, h, delta):
+        return _member_second_moments(spec, basis_a, basis_b, h, delta)
+
+    return _stacked(one, spec)(*bases, h, delta)
+
+
+def precondition(
+    spec,
+    block,
+    grad,
+    h,
+    delta,
+    n,
+    count,
+    damping,
+    config: Config,
+    attend=None,
+    accumulated=None,
+    refreshed=None,
+):
     """Stage 3: one block's update in the parameter basis, and its new state (``attend``: a
-    tied embedding's attend calls' ``(h, delta)``)."""
+    tied embedding's attend calls' ``(h, delta)``).
+
+    ``accumulated``: ``s*`` of several micro-batches measured in the state's basis before this
+    update (``_accumulate``), used in place of this batch's own, except on an update that
+    changed the basis (``refreshed``): only this batch's can be measured in the new basis.
+    """
+
+    def batch_of(basis_a, basis_b, h, delta, accumulated):
+        def fresh():
+            return _member_second_moments(spec, basis_a, basis_b, h, delta, attend)
+
+        if accumulated is None:
+            return fresh
+        if spec.block == "diagonal":  # no basis: the accumulated s* is exact on every update
+            return lambda: accumulated
+        return lambda: jax.lax.cond(refreshed, fresh, lambda: accumulated)
+
     if spec.block == "diagonal":
 
-        def one_diagonal(slot, grad, h, delta):
-            def batch():
-                per_example = _scalings.scale_and_shift_grads(h, delta, spec.names)
-                return jnp.mean(per_example**2, axis=0)
-
+        def one_diagonal(slot, grad, h, delta, accumulated):
+            batch = batch_of(None, None, h, delta, accumulated)
             context = _scalings.Context(grad, batch, None, n, count, grad, _scalings._identity)
             return config.rule.diagonal_step(slot, context, damping, config.damping_mode)
 
-        update, slot = _stacked(one_diagonal, spec)(block.scalings, grad, h, delta)
+        update, slot = _stacked(one_diagonal, spec)(block.scalings, grad, h, delta, accumulated)
         return update, block._replace(scalings=slot)
     positions = _positions(spec, h, config)
     if spec.block == "embed":
-
-        def batch():
-            delta_kfe = _eigenbasis.outputs_to_eigenbasis(delta, block.basis_b)
-            if spec.tied:
-                attend_h, attend_delta = attend
-                attend_kfe = _eigenbasis.outputs_to_eigenbasis(attend_h, block.basis_b)
-                return _scalings.tied_embedding_batch_scalings(
-                    h, delta_kfe, attend_delta, attend_kfe
-                )
-            return _scalings.embedding_batch_scalings(h, delta_kfe, spec.d_in)
-
+        batch = batch_of(None, block.basis_b, h, delta, accumulated)
         divided, slot = _kfe_step(block, grad, None, batch, n, count, damping, positions, config)
         update = _eigenbasis.from_eigenbasis(divided, None, block.basis_b)
         return update, block._replace(scalings=slot)
 
-    def one(block, grad, h, delta):
-        def batch():
-            h_kfe = _eigenbasis.inputs_to_eigenbasis(h, block.basis_a, spec.has_bias)
-            delta_kfe = _eigenbasis.outputs_to_eigenbasis(delta, block.basis_b)
-            return _scalings.batch_scalings(h_kfe, delta_kfe)
-
+    def one(block, grad, h, delta, accumulated):
+        batch = batch_of(block.basis_a, block.basis_b, h, delta, accumulated)
         divided, slot = _kfe_step(
             block, grad, block.basis_a, batch, n, count, damping, positions, config
         )
         return _eigenbasis.from_eigenbasis(divided, block.basis_a, block.basis_b), slot
 
-    update, slot = _stacked(one, spec)(block, grad, h, delta)
+    update, slot = _stacked(one, spec)(block, grad, h, delta, accumulated)
     return update, block._replace(scalings=slot)
 
 

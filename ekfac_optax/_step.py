@@ -38,9 +38,15 @@ class Batch(NamedTuple):
       h: per group, its members' ``h`` stacked.
       delta: per group, its members' ``delta`` stacked.
       grads: per group, its members' gradient matrices ``[W; b]`` stacked.
-      n: the batch size.
+      n: the batch size (accumulated: the examples of all micro-batches, an array).
       count: the number of updates applied so far.
       damping: this update's damping.
+      fresh: per layer, the factors of the micro-batches accumulated for this update
+        (``_microbatch``); ``None``: computed from this batch's statistics.
+      second_moments: per group, the ``s*`` accumulated in the state's basis, for the blocks
+        whose rule reads it; ``None``: measured on this batch.
+      refreshed: ``()`` bool, whether this update changes the basis (read only with
+        ``second_moments``).
     """
 
     specs: dict[str, _blocks.BlockSpec]
@@ -54,6 +60,9 @@ class Batch(NamedTuple):
     n: int
     count: jax.Array
     damping: Any
+    fresh: dict[str, Any] | None = None
+    second_moments: dict[str, Any] | None = None
+    refreshed: Any = None
 
     @property
     def group_specs(self) -> dict[str, _blocks.BlockSpec]:
@@ -61,8 +70,9 @@ class Batch(NamedTuple):
         return {key: g.spec for key, g in self.groups.items()}
 
 
-def prepare(specs, updates, stats, count, damping, stack_blocks: bool) -> Batch:
-    """Stage 1: this batch's statistics and gradient matrices, per layer and per group."""
+def statistics(specs, stats) -> tuple[dict, dict, dict]:
+    """``(h, delta, attend)`` per layer in the curvature dtype (an embedding's ``h``: its token
+    ids; ``attend``: per tied embedding, its attend calls' ``(h, delta)``)."""
     h = {
         p: stats[p].h if s.block == "embed" else stats[p].h.astype(s.dtype)
         for p, s in specs.items()
@@ -73,8 +83,26 @@ def prepare(specs, updates, stats, count, damping, stack_blocks: bool) -> Batch:
         for p, s in specs.items()
         if s.tied
     }
+    return h, delta, attend
+
+
+def batch_size(stats) -> int:
+    """The number of examples ``N`` of a batch's statistics (1 without any block)."""
+    return next((s.delta.shape[-3] for s in stats.values()), 1)
+
+
+def prepare(specs, updates, stats, count, damping, stack_blocks: bool, **accumulated) -> Batch:
+    """Stage 1: this batch's statistics and gradient matrices, per layer and per group
+    (``accumulated``: :class:`Batch`'s ``n``, ``fresh``, ``second_moments`` (per layer) and
+    ``refreshed`` of several micro-batches, ``_microbatch``)."""
+    h, delta, attend = statistics(specs, stats)
     grads = {p: _kinds.to_matrix(_blocks.subtree(updates, p), s) for p, s in specs.items()}
     groups = _stacking.group(specs, h, delta, stack_blocks)
+    if accumulated.get("second_moments") is not None:
+        moments = accumulated["second_moments"]  # the blocks whose rule reads s*: whole groups
+        accumulated["second_moments"] = _stacking.stack(
+            {key: g for key, g in groups.items() if key in moments}, moments
+        )
     return Batch(
         specs=dict(specs),
         groups=groups,
@@ -84,9 +112,10 @@ def prepare(specs, updates, stats, count, damping, stack_blocks: bool) -> Batch:
         h=_stacking.stack(groups, h),
         delta=_stacking.stack(groups, delta),
         grads=_stacking.stack(groups, grads),
-        n=next((stats[p].delta.shape[-3] for p in specs), 1),
+        n=accumulated.pop("n", batch_size(stats)),
         count=count,
         damping=damping,
+        **accumulated,
     )
 
 
@@ -96,18 +125,20 @@ def factors(batch: Batch, blocks: Mapping[str, Any], config: _stages.Config) -> 
     Each layer's factors come from its own statistics (one matmul each: as fast as a batched
     one on a CPU, and the statistics are not copied), then are stacked per group.
     """
-    fresh = _stacking.stack(
-        batch.groups,
-        {
-            p: _stages.batch_factors(
-                s, batch.layer_h[p], batch.layer_delta[p], config, batch.attend.get(p)
-            )
-            for p, s in batch.specs.items()
-        },
-    )
+    fresh = _stacking.stack(batch.groups, batch.fresh or layer_factors(batch, config))
     return {
         key: _stages.new_factors(blocks[key], fresh[key], batch.count, config)
         for key in batch.groups
+    }
+
+
+def layer_factors(batch: Batch, config: _stages.Config) -> dict[str, Any]:
+    """Per layer, this batch's factors ``(A, B)`` (``None``: a diagonal block)."""
+    return {
+        p: _stages.batch_factors(
+            s, batch.layer_h[p], batch.layer_delta[p], config, batch.attend.get(p)
+        )
+        for p, s in batch.specs.items()
     }
 
 
@@ -132,6 +163,8 @@ def precondition(batch: Batch, blocks: Mapping[str, Any], config: _stages.Config
             batch.damping,
             config,
             batch.attend.get(key),
+            None if batch.second_moments is None else batch.second_moments.get(key),
+            batch.refreshed,
         )
     return updates, new
 

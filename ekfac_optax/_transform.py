@@ -30,6 +30,7 @@ from ekfac_optax import (
     _blocks,
     _factors,
     _kinds,
+    _microbatch,
     _scalings,
     _stacking,
     _stages,
@@ -205,9 +206,31 @@ def _scale_by_kfe(
         # Every product of the curvature (factors, bases, scalings) at full float32 precision:
         # a TPU's or GPU's default (bfloat16 passes, TF32) would round the eigenbasis rotations.
         with jax.default_matmul_precision("highest"):
+            if isinstance(state, _microbatch.Accumulating):
+                return _accumulating(updates, state, stats)
             return _update(updates, state, stats)
 
-    def _update(updates, state, stats):
+    def _accumulating(updates, accumulating, stage):
+        """A stage of an accumulated step (``_microbatch``, driven by ``multi_steps``)."""
+        state, pending = accumulating
+        specs = _validation.check_update(_blocks.as_arrays(updates), state, blocks)
+        if isinstance(stage, _microbatch.Allocate):
+            zeros = _microbatch.zeros(specs, state.blocks, config.rule)
+            return updates, _microbatch.Accumulating(state, zeros)
+        if not isinstance(stage, _microbatch.Micro | _microbatch.Emit):
+            raise TypeError(f"an accumulating state needs stats of a micro-batch, got {stage!r}")
+        _validation.check_stats(stage.stats, specs)
+        total = _microbatch.add(
+            pending, _microbatch.contribution(specs, state.blocks, stage.stats, config)
+        )
+        if isinstance(stage, _microbatch.Micro):
+            return jax.tree.map(jnp.zeros_like, updates), _microbatch.Accumulating(state, total)
+        new_updates, new_state = _update(updates, state, stage.stats, _microbatch.means(total))
+        return new_updates, _microbatch.Accumulating(
+            new_state, jax.tree.map(jnp.zeros_like, pending)
+        )
+
+    def _update(updates, state, stats, accumulated=None):
         # An nnx.State of variables (split + jax.jit): work on its arrays, return its structure.
         structure = jax.tree.structure(updates)
         updates = _blocks.as_arrays(updates)
@@ -215,8 +238,14 @@ def _scale_by_kfe(
         _validation.check_stats(stats, specs)
         count = state.count
         damping_now = damping(count) if callable(damping) else damping
+        every = basis_update_every
+        refresh_always = isinstance(every, numbers.Integral) and every == 1
+        if accumulated is not None:
+            accumulated["refreshed"] = refresh_always or count % every == 0
 
-        batch = _step.prepare(specs, updates, stats, count, damping_now, stack_blocks)
+        batch = _step.prepare(
+            specs, updates, stats, count, damping_now, stack_blocks, **(accumulated or {})
+        )
 
         # With one-batch factors (factor_decay=0) only the basis updates need them.
         decay = config.factor_decay
@@ -230,10 +259,9 @@ def _scale_by_kfe(
             blocks = _step.factors(batch, blocks, config) if one_batch else blocks
             return _step.basis(batch, blocks, mesh, config)
 
-        if isinstance(basis_update_every, numbers.Integral) and basis_update_every == 1:
+        if refresh_always:
             new_blocks = new_basis(new_blocks)
         else:
-            every = basis_update_every
             new_blocks = jax.lax.cond(count % every == 0, new_basis, lambda b: b, new_blocks)
 
         preconditioned, new_blocks = _step.precondition(batch, new_blocks, config)

@@ -31,6 +31,10 @@ jax.config.update("jax_enable_x64", True)
 # because another case of the same test, or another fast test, runs the same library code: each
 # costs a compilation of its own (3-20 s here), which is most of the fast set's time.
 SLOW_CASES = {
+    # accumulation: the CNN's EKFAC case stays (micro-batch s* of conv patches)
+    "test_accumulate.py::test_micro_batches_give_the_update_of_their_union[ekfac_ra-cnn]",
+    "test_accumulate.py::test_micro_batches_give_the_update_of_their_union[kfac-cnn]",
+    "test_accumulate.py::test_micro_batches_give_the_update_of_their_union[kfe_adam-cnn]",
     # the MLP's cases of these methods stay (same library path; the CNN's ekfac case stays too)
     "test_stacking.py::test_stacked_updates_equal_per_layer_updates[ekfac_ra-cnn]",
     "test_stacking.py::test_stacked_updates_equal_per_layer_updates[kfac-cnn]",
