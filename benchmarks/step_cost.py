@@ -401,7 +401,9 @@ def component_seconds(problem: Problem, reps: int) -> dict[str, float]:
             eigh_reps,
         ),
         "guard": median_seconds(
-            stage(lambda b, blocks, updates: _step.guard(b, updates, blocks, False)),
+            stage(
+                lambda b, blocks, updates: _step.guard(b, updates, blocks, False, rules["EKFAC-ra"])
+            ),
             (*args, preconditioned[0]),
             reps,
         ),

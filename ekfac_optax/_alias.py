@@ -25,6 +25,7 @@ def ekfac(
     damping: ScalarOrSchedule = 1e-3,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
+    factor_update_every: int = 1,
     scaling: _scalings.ScalingName = "batch",
     scaling_decay: jax.typing.ArrayLike = 0.95,
     damping_mode: _scalings.DampingMode = "tikhonov",
@@ -39,9 +40,9 @@ def ekfac(
 
     Args:
       learning_rate: a float or an optax schedule.
-      blocks, damping, basis_update_every, factor_decay, scaling, scaling_decay,
-      damping_mode, weight_sharing, fallback, mesh, max_factor_dim, stack_blocks: see
-        :func:`scale_by_ekfac`.
+      blocks, damping, basis_update_every, factor_decay, factor_update_every, scaling,
+      scaling_decay, damping_mode, weight_sharing, fallback, mesh, max_factor_dim, stack_blocks:
+        see :func:`scale_by_ekfac`.
       graft: a transformation whose per-parameter update norms EKFAC's directions take
         (:func:`graft`), e.g. ``optax.scale_by_adam()``: the learning rate is then on that
         transformation's scale. ``None`` (default): EKFAC's own norms.
@@ -55,6 +56,7 @@ def ekfac(
             damping=damping,
             basis_update_every=basis_update_every,
             factor_decay=factor_decay,
+            factor_update_every=factor_update_every,
             scaling=scaling,
             scaling_decay=scaling_decay,
             damping_mode=damping_mode,
@@ -76,6 +78,7 @@ def kfac(
     damping: ScalarOrSchedule = 1e-3,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
+    factor_update_every: int = 1,
     damping_mode: _scalings.DampingMode = "tikhonov",
     weight_sharing: _factors.WeightSharing = "expand",
     fallback: Fallback = "diagonal",
@@ -88,7 +91,7 @@ def kfac(
 
     Args:
       learning_rate: a float or an optax schedule.
-      blocks, damping, basis_update_every, factor_decay, damping_mode,
+      blocks, damping, basis_update_every, factor_decay, factor_update_every, damping_mode,
       weight_sharing, fallback, mesh, max_factor_dim, stack_blocks: see :func:`scale_by_kfac`.
       graft: a transformation whose per-parameter update norms KFAC's directions take
         (:func:`graft`), e.g. ``optax.scale_by_adam()``. ``None`` (default): KFAC's own norms.
@@ -102,6 +105,7 @@ def kfac(
             damping=damping,
             basis_update_every=basis_update_every,
             factor_decay=factor_decay,
+            factor_update_every=factor_update_every,
             damping_mode=damping_mode,
             weight_sharing=weight_sharing,
             fallback=fallback,
@@ -134,6 +138,7 @@ def kfe_adam(
     eps: jax.typing.ArrayLike = 1e-8,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
+    factor_update_every: int = 1,
     weight_sharing: _factors.WeightSharing = "expand",
     fallback: Fallback = "diagonal",
     mesh: Mesh | None = None,
@@ -144,8 +149,8 @@ def kfe_adam(
 
     Args:
       learning_rate: a float or an optax schedule.
-      blocks, b1, b2, eps, basis_update_every, factor_decay, weight_sharing, fallback, mesh,
-      max_factor_dim, stack_blocks: see :func:`scale_by_kfe_adam`.
+      blocks, b1, b2, eps, basis_update_every, factor_decay, factor_update_every, weight_sharing,
+      fallback, mesh, max_factor_dim, stack_blocks: see :func:`scale_by_kfe_adam`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` to ``update``.
@@ -159,6 +164,7 @@ def kfe_adam(
         weight_decay=0.0,
         basis_update_every=basis_update_every,
         factor_decay=factor_decay,
+        factor_update_every=factor_update_every,
         weight_sharing=weight_sharing,
         fallback=fallback,
         mesh=mesh,
@@ -178,6 +184,7 @@ def kfe_adamw(
     mask: Any = None,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
+    factor_update_every: int = 1,
     weight_sharing: _factors.WeightSharing = "expand",
     fallback: Fallback = "diagonal",
     mesh: Mesh | None = None,
@@ -191,8 +198,8 @@ def kfe_adamw(
       learning_rate: a float or an optax schedule.
       weight_decay: the decoupled weight decay (``optax.adamw``'s default, 1e-4).
       mask: which parameters decay (``optax.add_decayed_weights``'s ``mask``).
-      blocks, b1, b2, eps, basis_update_every, factor_decay, weight_sharing, fallback, mesh,
-      max_factor_dim, stack_blocks: see :func:`scale_by_kfe_adam`.
+      blocks, b1, b2, eps, basis_update_every, factor_decay, factor_update_every, weight_sharing,
+      fallback, mesh, max_factor_dim, stack_blocks: see :func:`scale_by_kfe_adam`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` and ``params`` to
@@ -211,6 +218,7 @@ def kfe_adamw(
             eps=eps,
             basis_update_every=basis_update_every,
             factor_decay=factor_decay,
+            factor_update_every=factor_update_every,
             weight_sharing=weight_sharing,
             fallback=fallback,
             mesh=mesh,

@@ -34,6 +34,7 @@ class Config(NamedTuple):
     factor_decay: Any
     damping_mode: _scalings.DampingMode
     weight_sharing: _factors.WeightSharing
+    factor_update_every: int = 1
 
 
 def batch_factors(spec, h, delta, config: Config, attend=None):
@@ -160,6 +161,11 @@ def _member_second_moments(spec, basis_a, basis_b, h, delta, attend=None):
         return _scalings.tied_embedding_batch_scalings(h, delta_kfe, attend_delta, attend_kfe)
     if spec.block == "embed":
         return _scalings.embedding_batch_scalings(h, delta_kfe, spec.d_in)
+    project, per_example = _scalings.rotate_first_cost(
+        h.shape[-2], spec.d_in_aug, spec.d_out, basis_a is not None, basis_b is not None
+    )
+    if per_example < project:  # many positions (convolutions): rotate G_n, not h and delta
+        return _scalings.rotated_batch_scalings(h, delta, basis_a, basis_b, spec.has_bias)
     h_kfe = _eigenbasis.inputs_to_eigenbasis(h, basis_a, spec.has_bias)
     return _scalings.batch_scalings(h_kfe, delta_kfe)
 

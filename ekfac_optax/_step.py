@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ekfac_optax import _blocks, _kinds, _stacking, _stages
+from ekfac_optax import _blocks, _kinds, _scalings, _stacking, _stages
 
 
 class Batch(NamedTuple):
@@ -119,15 +119,20 @@ def prepare(specs, updates, stats, count, damping, stack_blocks: bool, **accumul
     )
 
 
-def factors(batch: Batch, blocks: Mapping[str, Any], config: _stages.Config) -> dict[str, Any]:
-    """Stage 2: the groups' states with this batch's factors averaged in.
+def factors(
+    batch: Batch, blocks: Mapping[str, Any], config: _stages.Config, count: Any = None
+) -> dict[str, Any]:
+    """Stage 2: the groups' states with this batch's factors averaged in (``count``: the factor
+    updates before this one, by default ``batch.count``).
 
     Each layer's factors come from its own statistics (one matmul each: as fast as a batched
     one on a CPU, and the statistics are not copied), then are stacked per group.
     """
     fresh = _stacking.stack(batch.groups, batch.fresh or layer_factors(batch, config))
     return {
-        key: _stages.new_factors(blocks[key], fresh[key], batch.count, config)
+        key: _stages.new_factors(
+            blocks[key], fresh[key], batch.count if count is None else count, config
+        )
         for key in batch.groups
     }
 
@@ -169,31 +174,41 @@ def precondition(batch: Batch, blocks: Mapping[str, Any], config: _stages.Config
     return updates, new
 
 
-def guard(batch: Batch, updates, blocks, one_batch: bool, extra: Any = ()) -> jax.Array:
+def guard(
+    batch: Batch, updates, blocks, one_batch: bool, rule: _scalings.ScalingRule, extra: Any = ()
+) -> jax.Array:
     """Stage 5: whether this update's results (and ``extra``: the fallback's) are finite.
 
-    What can become non-finite is checked once: the new factors and scalings and the
-    preconditioned updates. A non-finite input shows in what it feeds: ``h`` and ``delta`` in
-    the factors (every update, unless ``factor_decay=0``: ``one_batch``) and the batch ``s*``,
-    the gradients in the preconditioned updates; the statistics that may feed nothing (diagonal
-    blocks, one-batch factors) are checked themselves. The eigenvalues and bases are not:
-    ``safe_eigh`` keeps the previous pair when a decomposition is not finite. Each array
-    checked is a kernel to compile (a 12-block LM's update: 13.2 s with every array checked,
-    9.5 s with these, 5.1 s unchecked).
+    What can become non-finite is checked once, and only where it shows: the preconditioned
+    updates; the new scalings (the rule's :meth:`~ekfac_optax._scalings.ScalingRule.may_overflow`
+    part of its slot: a scaling that overflowed to inf gives a zero update, not a non-finite
+    one); the new factors' diagonals. A factor is a mean of Gram matrices ``h hᵀ`` (the moving
+    average of them), whose largest entries sit on its diagonal (``|A_ij| <= √(A_ii A_jj)``), so
+    a non-finite or overflowing factor has a non-finite diagonal: ``a + b`` numbers checked
+    instead of ``a² + b²``. A non-finite input shows in what it feeds: ``h`` and ``delta`` in the
+    factors' diagonals (every update, unless ``factor_decay=0``: ``one_batch``) and the batch
+    ``s*``, the gradients in the preconditioned updates; the statistics that may feed nothing
+    (diagonal blocks, one-batch factors) are checked themselves. The eigenvalues and bases are
+    not: ``safe_eigh`` keeps the previous pair when a decomposition is not finite. Each array
+    checked is a kernel to compile and a pass over memory (a 12-block LM's update compiled in
+    13.2 s with every array checked, 9.5 s with the factors whole, 5.1 s unchecked).
     """
     unfed = {
         key: (batch.h[key], batch.delta[key], batch.attend.get(key))
         for key, spec in batch.group_specs.items()
         if one_batch or spec.block == "diagonal"
     }
-    may_overflow = [
-        [
-            getattr(block, name)
-            for name in ("factor_a", "factor_b", "scalings")
-            if hasattr(block, name)
-        ]
-        for block in blocks.values()
-    ]
+    may_overflow = []
+    for key, spec in batch.group_specs.items():
+        block = blocks[key]
+        may_overflow.append(rule.may_overflow(block.scalings))
+        if spec.block == "diagonal":
+            continue
+        for factor, diagonal in (
+            (block.factor_a, spec.diagonal_a),
+            (block.factor_b, spec.diagonal_b),
+        ):
+            may_overflow.append(factor if diagonal else jnp.diagonal(factor, axis1=-2, axis2=-1))
     return all_finite((unfed, updates, may_overflow, extra))
 
 

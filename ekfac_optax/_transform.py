@@ -171,6 +171,9 @@ def _scale_by_kfe(
     if mesh is not None and not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
     _validation.check_hyperparameters(damping, basis_update_every, config.factor_decay)
+    every = config.factor_update_every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"factor_update_every must be an int >= 1, got {every!r}")
     config.rule.check()
     _validation.check_choice(
         "damping_mode", config.damping_mode, ("tikhonov", "factored", "relative")
@@ -251,8 +254,17 @@ def _scale_by_kfe(
         decay = config.factor_decay
         one_batch = isinstance(decay, numbers.Real) and decay == 0
         new_blocks = _stacking.stack(batch.groups, state.blocks)
-        if not one_batch:
+        factor_every = config.factor_update_every
+        if not one_batch and factor_every == 1:
             new_blocks = _step.factors(batch, new_blocks, config)
+        elif not one_batch:  # amortized: on updates 0, m, 2m, ..., debiased by their number
+
+            def new_factors(blocks):
+                return _step.factors(batch, blocks, config, count // factor_every)
+
+            new_blocks = jax.lax.cond(
+                count % factor_every == 0, new_factors, lambda b: b, new_blocks
+            )
 
         # Amortized: the eigenbasis on updates 0, n, 2n, ...
         def new_basis(blocks):
@@ -273,7 +285,12 @@ def _scale_by_kfe(
                 leaves, state.fallback, batch.n, count, damping_now, config
             )
         finite = _step.guard(
-            batch, preconditioned, new_blocks, one_batch, (passed, fallback_updates, new_fallback)
+            batch,
+            preconditioned,
+            new_blocks,
+            one_batch,
+            config.rule,
+            (passed, fallback_updates, new_fallback),
         )
 
         # Write back per layer; a non-finite update changes nothing but `skipped`.
@@ -303,6 +320,7 @@ def scale_by_ekfac(
     damping: ScalarOrSchedule = 1e-3,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
+    factor_update_every: int = 1,
     scaling: _scalings.ScalingName = "batch",
     scaling_decay: jax.typing.ArrayLike = 0.95,
     damping_mode: _scalings.DampingMode = "tikhonov",
@@ -368,6 +386,12 @@ def scale_by_ekfac(
         scaling is 0 up to round-off (relative ``max(a, b) · eps``) get no step.
       basis_update_every: recompute the eigenbasis every this many updates.
       factor_decay: decay of the moving averages of ``A`` and ``B``, in ``[0, 1)``.
+      factor_update_every: average this batch's ``A`` and ``B`` into the factors on updates
+        ``0, m, 2m, ...`` only (an int ``m >= 1``; the debiasing counts those updates). Their
+        products, ``2 N T (a² + b²)`` per block, are two thirds of a forward/backward pass
+        for square layers: with ``m > 1`` EKFAC-ra's, KFAC's and KFE-Adam's steps between them
+        cost the projections alone (EKFAC's batch ``s*`` is measured every update). The
+        eigenbasis then comes from factors up to ``m - 1`` updates old.
       scaling: ``"batch"`` (EKFAC) or ``"running"`` (EKFAC-ra).
       scaling_decay: decay of the running averages (``scaling="running"``, the
         fallback), in ``[0, 1)``.
@@ -445,7 +469,7 @@ def scale_by_ekfac(
     if scaling not in rules:
         raise ValueError(f"scaling must be 'batch' or 'running', got {scaling!r}")
     rule = rules[scaling](scaling_decay=scaling_decay)
-    config = _stages.Config(rule, factor_decay, damping_mode, weight_sharing)
+    config = _stages.Config(rule, factor_decay, damping_mode, weight_sharing, factor_update_every)
     return _scale_by_kfe(
         blocks, damping, basis_update_every, config, fallback, mesh, max_factor_dim, stack_blocks
     )
@@ -457,6 +481,7 @@ def scale_by_kfac(
     damping: ScalarOrSchedule = 1e-3,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
+    factor_update_every: int = 1,
     damping_mode: _scalings.DampingMode = "tikhonov",
     weight_sharing: _factors.WeightSharing = "expand",
     fallback: Fallback = "diagonal",
@@ -484,6 +509,7 @@ def scale_by_kfac(
       basis_update_every: recompute the eigendecomposition every this many updates.
       factor_decay: decay of the moving averages of ``A`` and ``B`` (and of the
         diagonal blocks and fallback), in ``[0, 1)``.
+      factor_update_every: see :func:`scale_by_ekfac`.
       damping_mode: ``"tikhonov"``, ``"factored"`` or ``"relative"`` (``ε · mean(s)`` per block);
         see :func:`scale_by_ekfac`.
       weight_sharing: ``"expand"`` or ``"reduce"``; see :func:`scale_by_ekfac`.
@@ -505,7 +531,7 @@ def scale_by_kfac(
       approximate Fisher matrix for convolution layers, ICML 2016.
     """
     rule = _scalings.KfacScaling(factor_decay=factor_decay)
-    config = _stages.Config(rule, factor_decay, damping_mode, weight_sharing)
+    config = _stages.Config(rule, factor_decay, damping_mode, weight_sharing, factor_update_every)
     return _scale_by_kfe(
         blocks, damping, basis_update_every, config, fallback, mesh, max_factor_dim, stack_blocks
     )
@@ -519,6 +545,7 @@ def scale_by_kfe_adam(
     eps: jax.typing.ArrayLike = 1e-8,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
+    factor_update_every: int = 1,
     weight_sharing: _factors.WeightSharing = "expand",
     fallback: Fallback = "diagonal",
     mesh: Mesh | None = None,
@@ -554,8 +581,8 @@ def scale_by_kfe_adam(
       b1: decay of the first moment, in ``[0, 1)``.
       b2: decay of the second moment, in ``[0, 1)``.
       eps: ``>= 0``, added to ``√ν̂``.
-      basis_update_every, factor_decay, weight_sharing, mesh, max_factor_dim, stack_blocks:
-        see :func:`scale_by_ekfac`.
+      basis_update_every, factor_decay, factor_update_every, weight_sharing, mesh,
+        max_factor_dim, stack_blocks: see :func:`scale_by_ekfac`.
       fallback: ``"diagonal"`` (Adam on the parameters in no block) or ``"identity"``.
 
     Returns:
@@ -585,7 +612,7 @@ def scale_by_kfe_adam(
       Kingma & Ba, Adam: A Method for Stochastic Optimization, ICLR 2015.
     """
     rule = _scalings.AdamScaling(b1=b1, b2=b2, eps=eps)
-    config = _stages.Config(rule, factor_decay, "tikhonov", weight_sharing)
+    config = _stages.Config(rule, factor_decay, "tikhonov", weight_sharing, factor_update_every)
     return _scale_by_kfe(
         blocks, 0.0, basis_update_every, config, fallback, mesh, max_factor_dim, stack_blocks
     )

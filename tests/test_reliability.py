@@ -51,6 +51,9 @@ def ekfac_state(opt_state):
 
 
 POISON = {"grads": jnp.inf, "h": jnp.inf, "delta": jnp.nan}
+# A finite input whose square overflows float32 (3.4e38): the factor's diagonal (h²) becomes
+# inf with every input finite; the guard, which checks the factors' diagonals, must see it.
+HUGE_H = 1e25
 
 
 @functools.cache
@@ -66,10 +69,11 @@ def chained_step(scaling):
     return tx, make_step(mlp_setup()[0], tx)
 
 
-@pytest.mark.parametrize("corrupt", ["input", "grads", "delta", "h"])
+@pytest.mark.parametrize("corrupt", ["input", "grads", "delta", "h", "h_overflow"])
 @pytest.mark.parametrize("scaling", ["batch", "running", "kfac"])
 def test_nonfinite_step_equals_skipping_the_batch(corrupt, scaling):
-    """A NaN/Inf at step k leaves params and state exactly as if batch k had been skipped."""
+    """A NaN/Inf at step k (or a finite input whose square overflows) leaves params and state
+    exactly as if batch k had been skipped."""
     tx, step = chained_step(scaling)
     batches = digits_batches(8)
     _, params0, _ = mlp_setup()
@@ -85,6 +89,9 @@ def test_nonfinite_step_equals_skipping_the_batch(corrupt, scaling):
                 if corrupt == "input":
                     x = x.at[0, 0].set(jnp.nan)
                     params, opt_state, _ = step(params, opt_state, x, y, NO_POISON)
+                elif corrupt == "h_overflow":
+                    poison = dict(NO_POISON, h=HUGE_H)
+                    params, opt_state, _ = step(params, opt_state, x, y, poison)
                 else:
                     poison = dict(NO_POISON, **{corrupt: POISON[corrupt]})
                     params, opt_state, _ = step(params, opt_state, x, y, poison)

@@ -54,3 +54,58 @@ def test_every_contraction_matches_per_example_gradients(shape):
     for name, contraction in contractions.items():
         actual = np.asarray(jax.jit(contraction)(h, delta))
         np.testing.assert_allclose(actual, expected, rtol=RTOL, err_msg=name)
+
+
+# (N, T, d_in, b, bias, bases): many positions (the conv case the update rotates G_n for), one
+# position, a side without a basis (capped) on either side.
+ROTATED = [
+    (6, 12, 4, 3, True, "ab"),
+    (6, 1, 5, 4, False, "ab"),
+    (4, 9, 3, 5, True, "a"),
+    (4, 9, 3, 5, False, "b"),
+]
+
+
+@pytest.mark.parametrize("shape", ROTATED)
+@pytest.mark.parametrize("batched", [True, False])
+def test_rotated_per_example_gradients_match_the_projected_inputs(shape, batched):
+    """``rotated_batch_scalings`` (G_n formed, then rotated) equals ``mean_n (U_Aᵀ G_n U_B)²``
+    computed here from the per-example gradients of ``h_aug`` (the bias a constant-1 input)."""
+    n, t, d_in, b, has_bias, bases = shape
+    keys = jax.random.split(jax.random.key(1), 4)
+    h = jax.random.normal(keys[0], (n, t, d_in), jnp.float64)
+    delta = jax.random.normal(keys[1], (n, t, b), jnp.float64)
+    a = d_in + has_bias
+    basis_a = jnp.linalg.qr(jax.random.normal(keys[2], (a, a), jnp.float64))[0]
+    basis_b = jnp.linalg.qr(jax.random.normal(keys[3], (b, b), jnp.float64))[0]
+    h_aug = jnp.concatenate([h, jnp.ones((n, t, 1))], axis=-1) if has_bias else h
+    grads = ref.per_example_grads(
+        lambda w, h, d: jnp.mean(jnp.sum((h @ w) * d, axis=(1, 2))),
+        jnp.zeros((a, b), jnp.float64),
+        h_aug,
+        delta,
+    )
+    u_a = basis_a if "a" in bases else np.eye(a)
+    u_b = basis_b if "b" in bases else np.eye(b)
+    expected = np.mean(ref.to_kfe(np.asarray(grads), u_a, u_b) ** 2, axis=0)
+    actual = _scalings.rotated_batch_scalings(
+        h,
+        delta,
+        basis_a if "a" in bases else None,
+        basis_b if "b" in bases else None,
+        has_bias,
+        batched=batched,
+    )
+    np.testing.assert_allclose(np.asarray(actual), expected, rtol=RTOL)
+
+
+def test_the_update_rotates_per_example_gradients_where_that_is_cheaper():
+    """The cost model picks G_n first for a 3x3, 64-channel conv at 32x32 (T = 1024, a = 577,
+    b = 64) and a small conv, and the projections for a dense layer (T = 1) and a short
+    sequence of wide projections (T = 32, a = b = 128)."""
+    for t, a, b in [(1024, 577, 64), (256, 28, 32)]:
+        project, per_example = _scalings.rotate_first_cost(t, a, b, True, True)
+        assert per_example < project, (t, a, b)
+    for t, a, b in [(1, 785, 1024), (32, 128, 128)]:
+        project, per_example = _scalings.rotate_first_cost(t, a, b, True, True)
+        assert project < per_example, (t, a, b)
