@@ -87,28 +87,37 @@ def zeros(specs, blocks, rule) -> Pending:
     )
 
 
-def contribution(specs, blocks, stats, config: _stages.Config) -> Pending:
-    """What one micro-batch adds: ``n_i`` times its factors and ``s*`` (in ``blocks``' bases)."""
+def accumulate(pending: Pending, specs, blocks, stats, config, needs_factors=True) -> Pending:
+    """``pending`` plus what one micro-batch adds: ``n_i`` times its factors and ``s*`` (in
+    ``blocks``' bases).
+
+    The factors only where the real step will use them (``needs_factors``, a bool or a ``()``
+    bool array; the sums are left as they are otherwise): with ``factor_update_every=m``, a
+    micro-step of the other real steps costs the capture and, for EKFAC, ``s*``.
+    """
     h, delta, attend = _step.statistics(specs, stats)
     n = _step.batch_size(stats)
 
-    def weighted(tree):
-        return jax.tree.map(lambda x: n * x, tree)
+    def add_weighted(total, tree):
+        return jax.tree.map(lambda t, x: t + n * x, total, tree)
 
-    factors = {
-        p: _stages.batch_factors(s, h[p], delta[p], config, attend.get(p)) for p, s in specs.items()
-    }
+    def with_factors(total):
+        fresh = {
+            p: _stages.batch_factors(s, h[p], delta[p], config, attend.get(p))
+            for p, s in specs.items()
+        }
+        return add_weighted(total, fresh)
+
+    if needs_factors is True:
+        factors = with_factors(pending.factors)
+    else:
+        factors = jax.lax.cond(needs_factors, with_factors, lambda t: t, pending.factors)
     second_moments = {
         p: _stages.batch_second_moments(s, blocks[p], h[p], delta[p], attend.get(p))
         for p, s in specs.items()
         if _reads_second_moments(s, config.rule)
     }
-    return Pending(jnp.asarray(n, jnp.int32), weighted(factors), weighted(second_moments))
-
-
-def add(a: Pending, b: Pending) -> Pending:
-    """The sums of both."""
-    return jax.tree.map(jnp.add, a, b)
+    return Pending(pending.n + n, factors, add_weighted(pending.second_moments, second_moments))
 
 
 def means(total: Pending) -> dict[str, Any]:

@@ -171,8 +171,9 @@ def _scale_by_kfe(
     if mesh is not None and not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
     _validation.check_hyperparameters(damping, basis_update_every, config.factor_decay)
-    every = config.factor_update_every
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+    every = config.factor_update_every  # a number, or an array under inject_hyperparams
+    value = None if isinstance(every, bool) else _validation.concrete("factor_update_every", every)
+    if isinstance(every, bool) or (value is not None and not (value >= 1 and value == int(value))):
         raise ValueError(f"factor_update_every must be an int >= 1, got {every!r}")
     config.rule.check()
     _validation.check_choice(
@@ -213,6 +214,18 @@ def _scale_by_kfe(
                 return _accumulating(updates, state, stats)
             return _update(updates, state, stats)
 
+    decay = config.factor_decay
+    one_batch = isinstance(decay, numbers.Real) and decay == 0
+    refresh_always = isinstance(basis_update_every, numbers.Integral) and basis_update_every == 1
+
+    def factors_used(count):
+        """Whether update ``count`` reads this batch's factors (``True``: every update)."""
+        every = basis_update_every if one_batch else config.factor_update_every
+        every_one = isinstance(every, numbers.Integral) and every == 1
+        if (one_batch and refresh_always) or (not one_batch and every_one):
+            return True
+        return count % every == 0
+
     def _accumulating(updates, accumulating, stage):
         """A stage of an accumulated step (``_microbatch``, driven by ``multi_steps``)."""
         state, pending = accumulating
@@ -223,8 +236,8 @@ def _scale_by_kfe(
         if not isinstance(stage, _microbatch.Micro | _microbatch.Emit):
             raise TypeError(f"an accumulating state needs stats of a micro-batch, got {stage!r}")
         _validation.check_stats(stage.stats, specs)
-        total = _microbatch.add(
-            pending, _microbatch.contribution(specs, state.blocks, stage.stats, config)
+        total = _microbatch.accumulate(
+            pending, specs, state.blocks, stage.stats, config, factors_used(state.count)
         )
         if isinstance(stage, _microbatch.Micro):
             return jax.tree.map(jnp.zeros_like, updates), _microbatch.Accumulating(state, total)
@@ -242,7 +255,6 @@ def _scale_by_kfe(
         count = state.count
         damping_now = damping(count) if callable(damping) else damping
         every = basis_update_every
-        refresh_always = isinstance(every, numbers.Integral) and every == 1
         if accumulated is not None:
             accumulated["refreshed"] = refresh_always or count % every == 0
 
@@ -251,11 +263,9 @@ def _scale_by_kfe(
         )
 
         # With one-batch factors (factor_decay=0) only the basis updates need them.
-        decay = config.factor_decay
-        one_batch = isinstance(decay, numbers.Real) and decay == 0
         new_blocks = _stacking.stack(batch.groups, state.blocks)
         factor_every = config.factor_update_every
-        if not one_batch and factor_every == 1:
+        if not one_batch and isinstance(factor_every, numbers.Integral) and factor_every == 1:
             new_blocks = _step.factors(batch, new_blocks, config)
         elif not one_batch:  # amortized: on updates 0, m, 2m, ..., debiased by their number
 

@@ -35,6 +35,12 @@ SLOW_CASES = {
     "test_accumulate.py::test_micro_batches_give_the_update_of_their_union[ekfac_ra-cnn]",
     "test_accumulate.py::test_micro_batches_give_the_update_of_their_union[kfac-cnn]",
     "test_accumulate.py::test_micro_batches_give_the_update_of_their_union[kfe_adam-cnn]",
+    "test_accumulate.py::test_micro_batches_give_the_update_of_their_union[kfe_adam-mlp]",
+    "test_accumulate.py::test_micro_batches_give_the_update_of_their_union[kfac-mlp]",
+    "test_accumulate.py::test_micro_batches_with_amortized_or_one_batch_factors[one_batch_factors]",
+    "test_accumulate.py::test_plain_optax_inner_is_optax_multi_steps",
+    # factor_update_every: the reference test stays; the inject_hyperparams path is the same
+    "test_amortized_factors.py::test_factor_update_every_through_inject_hyperparams",
     # the MLP's cases of these methods stay (same library path; the CNN's ekfac case stays too)
     "test_stacking.py::test_stacked_updates_equal_per_layer_updates[ekfac_ra-cnn]",
     "test_stacking.py::test_stacked_updates_equal_per_layer_updates[kfac-cnn]",

@@ -267,3 +267,31 @@ def test_an_accumulating_state_needs_micro_batch_stats():
     wrapped = _microbatch.Accumulating(state.inner_state, state.pending[0])
     with pytest.raises(TypeError, match="needs stats of a micro-batch"):
         tx.update(grads, wrapped, params, stats=stats)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(factor_update_every=2), dict(factor_decay=0.0, basis_update_every=2)],
+    ids=["factor_update_every", "one_batch_factors"],
+)
+def test_micro_batches_with_amortized_or_one_batch_factors(options):
+    """The micro-steps of real steps that do not read the factors skip them (``factors_used``);
+    the real steps that do read them see all the micro-batches' (EKFAC-ra, exact)."""
+    loss_fn, params, blocks = _problem("mlp")
+
+    def make():
+        return ek.ekfac(0.02, blocks=blocks, scaling="running", **options)
+
+    big, accumulated = make(), ek.multi_steps(make(), len(SIZES))
+    big_step, micro_step = _steps(loss_fn, big, accumulated)
+    big_state, acc_state = big.init(params), accumulated.init(params)
+    p = params
+    for step in range(4):
+        x, y = normal_batch(20 + step, (sum(SIZES), 5), (sum(SIZES),))
+        expected, big_state = big_step(p, big_state, x, y)
+        for xm, ym in _micro_batches(x, y):
+            updates, acc_state = micro_step(p, acc_state, xm, ym)
+        assert_trees_close(updates, expected, f"step {step}", rtol=RTOL)
+        assert_trees_close(acc_state.inner_state, big_state, f"state {step}", rtol=RTOL)
+        p = optax.apply_updates(p, expected)
+        acc_state = acc_state._replace(inner_state=big_state)

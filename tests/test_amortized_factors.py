@@ -4,6 +4,8 @@ independent reference (``reference.py``): the factors average only the batches o
 solve with those factors."""
 
 import jax
+import jax.numpy as jnp
+import optax
 import pytest
 import reference
 
@@ -70,9 +72,29 @@ def test_factors_average_every_mth_batch_and_kfac_solves_with_them(make):
                 assert reference.relative_error(actual, solved) < 1e-9, (i, name)
 
 
-@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, jnp.asarray(0)])
 def test_bad_factor_update_every_is_a_clear_error(bad):
     problem = reference.PROBLEMS["mlp"]
     blocks = ek.find_blocks(problem.loss_fn, problem.params, *problem.data)
     with pytest.raises(ValueError, match="factor_update_every must be an int >= 1"):
         ek.ekfac(0.1, blocks=blocks, factor_update_every=bad)
+
+
+def test_factor_update_every_through_inject_hyperparams():
+    """As an injected hyperparameter (an array), the amortized path runs as with the int."""
+    problem = reference.PROBLEMS["mlp"]
+    params = problem.params
+    blocks = ek.find_blocks(problem.loss_fn, params, *problem.data)
+    capture = ek.value_grad_and_stats(problem.loss_fn)
+    plain = ek.ekfac(0.1, blocks=blocks, factor_update_every=2)
+    injected = optax.inject_hyperparams(ek.ekfac, static_args=("blocks",))(
+        0.1, blocks=blocks, factor_update_every=2
+    )
+    states = plain.init(params), injected.init(params)
+    for seed in range(3):
+        _, grads, stats = capture(params, *problem.batch(seed))
+        u_plain, s_plain = plain.update(grads, states[0], params, stats=stats)
+        u_inj, s_inj = injected.update(grads, states[1], params, stats=stats)
+        for a, b in zip(jax.tree.leaves(u_plain), jax.tree.leaves(u_inj), strict=True):
+            assert reference.relative_error(a, b) < 1e-12
+        states = s_plain, s_inj
