@@ -53,8 +53,13 @@ METHODS = (
     "KFAC, factors every 10",
     "KFE-Adam, factors every 10",
 )
-FULL = dict(layers=4, width=128, heads=4, vocab=512, seq=32, batch=64, reps=5, window=EVERY)
-QUICK = dict(layers=1, width=32, heads=2, vocab=64, seq=8, batch=4, reps=1, window=2)
+QUICK_METHODS = ("AdamW", "EKFAC-ra", "EKFAC-ra, factors every 10")  # the smoke run
+FULL = dict(
+    layers=4, width=128, heads=4, vocab=512, seq=32, batch=64, reps=5, window=EVERY, methods=METHODS
+)
+QUICK = dict(
+    layers=1, width=32, heads=2, vocab=64, seq=8, batch=4, reps=1, window=2, methods=QUICK_METHODS
+)
 GOALS = {"EKFAC-ra": 1.3, "KFE-Adam": 1.3, "EKFAC": 1.6}
 AE_GOAL = 3.0
 DEMO = os.path.join(
@@ -124,7 +129,7 @@ def measure(size: dict, log) -> list[dict]:
     params0 = model.init(jax.random.key(0), batch[0])["params"]
     blocks = ek.find_blocks(loss_fn, params0, *batch)
     runs = {}
-    for method in METHODS:
+    for method in size["methods"]:
         tx = make_tx(method, blocks)
         params = jax.tree.map(jnp.copy, params0)
         step = modern_lm.make_step(method, loss_fn, tx)

@@ -31,10 +31,7 @@ jax.config.update("jax_enable_x64", True)
 # because another case of the same test, or another fast test, runs the same library code: each
 # costs a compilation of its own (3-20 s here), which is most of the fast set's time.
 SLOW_CASES = {
-    # accumulation: the CNN's EKFAC case stays (micro-batch s* of conv patches)
-    "test_accumulate.py::test_micro_batches_give_the_update_of_their_union[ekfac_ra-cnn]",
-    "test_accumulate.py::test_micro_batches_give_the_update_of_their_union[kfac-cnn]",
-    "test_accumulate.py::test_micro_batches_give_the_update_of_their_union[kfe_adam-cnn]",
+    # accumulation: EKFAC's and EKFAC-ra's MLP cases and the CNN's (EKFAC) stay
     "test_accumulate.py::test_micro_batches_give_the_update_of_their_union[kfe_adam-mlp]",
     "test_accumulate.py::test_micro_batches_give_the_update_of_their_union[kfac-mlp]",
     "test_accumulate.py::test_micro_batches_with_amortized_or_one_batch_factors[one_batch_factors]",

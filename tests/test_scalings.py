@@ -1,8 +1,9 @@
 """EKFAC's batch ``s*`` through each of its contractions against per-example gradients.
 
 ``batch_scalings`` picks, by shape and platform, between the per-example gradients as one batched
-product (GPU/TPU), a loop over the examples in ``chunks`` vmapped chunks (CPU; ``gcd(N, devices)``
-chunks, 8 devices in the tests), and the position Gramians. On a CPU-only CI the transform tests
+product or the position Gramians (GPU/TPU, by memory), a loop over the examples in ``chunks``
+vmapped chunks (CPU; ``gcd(N, devices)`` chunks, 8 devices in the tests), and for ``T = 1`` the
+squares' product. On a CPU-only CI the transform tests
 reach only the CPU branch, so every contraction is called here directly on shapes that would pick
 each, and compared with ``mean_n G_n²`` from ``jax.vmap(jax.grad(...))`` of ``Σ_t h_tᵀ W δ_t``.
 
@@ -46,6 +47,7 @@ def test_every_contraction_matches_per_example_gradients(shape):
     contractions = {
         "batch_scalings": _scalings.batch_scalings,
         "batched": _scalings._per_example_batched,
+        "position Gramians": _scalings._position_gramians,
         **{
             f"loop, {chunks} chunks": lambda h, d, c=chunks: _scalings._per_example_loop(h, d, c)
             for chunks in (1, 2, n)
