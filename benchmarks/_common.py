@@ -1,7 +1,8 @@
-"""Pieces shared by the benchmarks: their command line, the machine's description and kfac-jax,
-the external peer."""
+"""Pieces shared by the benchmarks: their command line, their result files, the machine's
+description and kfac-jax, the external peer."""
 
 import argparse
+import csv
 import os
 import platform
 from collections.abc import Callable
@@ -20,6 +21,24 @@ def base_parser(doc: str, quick: str, seed: bool = True) -> argparse.ArgumentPar
     if seed:
         parser.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def write_results(out: str, name: str, text: str, rows: list[dict] | None = None) -> dict:
+    """Writes ``out/name.md`` (the report ``text``, also printed) and, with ``rows``,
+    ``out/name.csv`` (one row per dict, the first one's keys as columns); their paths."""
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, name)
+    paths = {"md": stem + ".md"}
+    if rows is not None:
+        paths["csv"] = stem + ".csv"
+        with open(paths["csv"], "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    with open(paths["md"], "w") as f:
+        f.write(text)
+    print(text)
+    return paths
 
 
 def comma_floats(text: str | None, default) -> list[float]:

@@ -25,8 +25,6 @@ Usage::
     python -m benchmarks.accumulate [--quick] [--out benchmarks/results]
 """
 
-import csv
-import os
 import statistics
 import sys
 import time
@@ -38,7 +36,7 @@ import optax
 
 import ekfac_optax as ek
 from benchmarks import modern_lm
-from benchmarks._common import base_parser, machine_info
+from benchmarks._common import base_parser, machine_info, write_results
 
 LEARNING_RATE = 1e-4  # small: the timed steps stay finite; quality is not measured here
 NEVER = 10**6  # every_k of a wrapper that only accumulates
@@ -209,19 +207,18 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     rows = measure(size, log)
     command = "python -m benchmarks.accumulate" + (" --quick" if args.quick else "")
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "accumulate" + ("_quick" if args.quick else ""))
-    with open(stem + ".csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["call", "ms", "x_fwd_bwd", "compile_s"])
-        base = rows["fwd/bwd"]["ms"]
-        for name, row in rows.items():
-            writer.writerow([name, f"{row['ms']:.4f}", f"{row['ms'] / base:.4f}", row["compile_s"]])
-    text = report(rows, size, command)
-    with open(stem + ".md", "w") as f:
-        f.write(text)
-    print(text)
-    return {"csv": stem + ".csv", "md": stem + ".md"}
+    base = rows["fwd/bwd"]["ms"]
+    table = [
+        dict(
+            call=name,
+            ms=f"{row['ms']:.4f}",
+            x_fwd_bwd=f"{row['ms'] / base:.4f}",
+            compile_s=row["compile_s"],
+        )
+        for name, row in rows.items()
+    ]
+    name = "accumulate" + ("_quick" if args.quick else "")
+    return write_results(args.out, name, report(rows, size, command), table)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Usage::
     python -m benchmarks.conv_memory [--quick] [--out benchmarks/results]
 """
 
-import os
 import sys
 import time
 from unittest import mock
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 import ekfac_optax as ek
-from benchmarks._common import base_parser, machine_info
+from benchmarks._common import base_parser, machine_info, write_results
 from benchmarks.convnets import VGG, VGG_WIDTHS
 from benchmarks.modern_lm import peak_bytes
 from ekfac_optax import _scalings
@@ -131,13 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     rows, stats_bytes = measure(size, log)
     command = "python -m benchmarks.conv_memory" + (" --quick" if args.quick else "")
-    text = report(rows, stats_bytes, size, command)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "conv_memory" + ("_quick" if args.quick else "") + ".md")
-    with open(path, "w") as f:
-        f.write(text)
-    print(text)
-    return {"md": path}
+    name = "conv_memory" + ("_quick" if args.quick else "")
+    return write_results(args.out, name, report(rows, stats_bytes, size, command))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Usage::
     python -m benchmarks.step_goals [--quick] [--out benchmarks/results]
 """
 
-import csv
 import importlib.util
 import os
 import re
@@ -39,7 +38,7 @@ import optax
 
 import ekfac_optax as ek
 from benchmarks import modern_lm
-from benchmarks._common import base_parser, machine_info
+from benchmarks._common import base_parser, machine_info, write_results
 
 LEARNING_RATE = 1e-4  # small: the timed steps stay finite; quality is not measured here
 EVERY = 20
@@ -134,22 +133,7 @@ def measure(size: dict, log) -> list[dict]:
         params = jax.tree.map(jnp.copy, params0)
         step = modern_lm.make_step(method, loss_fn, tx)
         runs[method] = compile_run(method, step, params, tx.init(params), batch, log)
-    seconds = time_round_robin(runs, batch, size)
-    rows = []
-    for method, entry in runs.items():
-        ratio = seconds[method] / seconds["AdamW"]
-        rows.append(
-            dict(
-                problem="lm",
-                method=method,
-                ms=1e3 * seconds[method],
-                ratio=ratio,
-                compile_s=entry[2],
-                operations=hlo_operations(entry[0]),
-            )
-        )
-        log(f"  {method}: {1e3 * seconds[method]:.2f} ms ({ratio:.2f}x AdamW)")
-    return rows
+    return rows_of("lm", runs, time_round_robin(runs, batch, size), "AdamW", log)
 
 
 def measure_autoencoder(size: dict, log) -> list[dict]:
@@ -167,13 +151,17 @@ def measure_autoencoder(size: dict, log) -> list[dict]:
         runs[method] = compile_run(method, make_step(tx), params, tx.init(params), batch, log)
     grad = jax.jit(lambda p, s, x: (p, s, jax.value_and_grad(demo.loss_fn)(p, x)[0]))
     runs["fwd/bwd"] = compile_run("fwd/bwd", grad, params0, (), batch, log)
-    seconds = time_round_robin(runs, batch, size)
+    return rows_of("autoencoder", runs, time_round_robin(runs, batch, size), "Adam", log)
+
+
+def rows_of(problem: str, runs: dict, seconds: dict, base: str, log) -> list[dict]:
+    """One row per method of ``runs``: its time, ratio to ``base``'s, compile time, operations."""
     rows = []
     for method, entry in runs.items():
-        ratio = seconds[method] / seconds["Adam"]
+        ratio = seconds[method] / seconds[base]
         rows.append(
             dict(
-                problem="autoencoder",
+                problem=problem,
                 method=method,
                 ms=1e3 * seconds[method],
                 ratio=ratio,
@@ -181,7 +169,7 @@ def measure_autoencoder(size: dict, log) -> list[dict]:
                 operations=hlo_operations(entry[0]),
             )
         )
-        log(f"  autoencoder {method}: {1e3 * seconds[method]:.3f} ms ({ratio:.2f}x Adam)")
+        log(f"  {problem} {method}: {1e3 * seconds[method]:.3f} ms ({ratio:.2f}x {base})")
     return rows
 
 
@@ -248,17 +236,8 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     rows = measure(size, log) + measure_autoencoder(size, log)
     command = "python -m benchmarks.step_goals" + (" --quick" if args.quick else "")
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "step_goals" + ("_quick" if args.quick else ""))
-    with open(stem + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    text = report(rows, size, command)
-    with open(stem + ".md", "w") as f:
-        f.write(text)
-    print(text)
-    return {"csv": stem + ".csv", "md": stem + ".md"}
+    name = "step_goals" + ("_quick" if args.quick else "")
+    return write_results(args.out, name, report(rows, size, command), rows)
 
 
 if __name__ == "__main__":

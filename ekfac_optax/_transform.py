@@ -170,11 +170,9 @@ def _scale_by_kfe(
         raise TypeError(f"stack_blocks must be True or False, got {stack_blocks!r}")
     if mesh is not None and not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
-    _validation.check_hyperparameters(damping, basis_update_every, config.factor_decay)
-    every = config.factor_update_every  # a number, or an array under inject_hyperparams
-    value = None if isinstance(every, bool) else _validation.concrete("factor_update_every", every)
-    if isinstance(every, bool) or (value is not None and not (value >= 1 and value == int(value))):
-        raise ValueError(f"factor_update_every must be an int >= 1, got {every!r}")
+    _validation.check_hyperparameters(
+        damping, basis_update_every, config.factor_decay, config.factor_update_every
+    )
     config.rule.check()
     _validation.check_choice(
         "damping_mode", config.damping_mode, ("tikhonov", "factored", "relative")
@@ -216,15 +214,28 @@ def _scale_by_kfe(
 
     decay = config.factor_decay
     one_batch = isinstance(decay, numbers.Real) and decay == 0
-    refresh_always = isinstance(basis_update_every, numbers.Integral) and basis_update_every == 1
 
-    def factors_used(count):
-        """Whether update ``count`` reads this batch's factors (``True``: every update)."""
-        every = basis_update_every if one_batch else config.factor_update_every
-        every_one = isinstance(every, numbers.Integral) and every == 1
-        if (one_batch and refresh_always) or (not one_batch and every_one):
+    def on_updates_every(every, count):
+        """Whether update ``count`` is one of ``0, every, 2 every, ...``: ``True`` (static) for
+        ``every == 1``, else a ``()`` bool array."""
+        if isinstance(every, numbers.Integral) and every == 1:
             return True
         return count % every == 0
+
+    def when(predicate, fn, tree):
+        """``fn(tree)`` if ``predicate`` else ``tree``, by ``lax.cond`` unless it is static."""
+        return fn(tree) if predicate is True else jax.lax.cond(predicate, fn, lambda t: t, tree)
+
+    def refreshes(count):
+        """Whether update ``count`` computes the eigenbasis."""
+        return on_updates_every(basis_update_every, count)
+
+    def factors_used(count):
+        """Whether update ``count`` reads this batch's factors (with one-batch factors, only a
+        basis update does)."""
+        return (
+            refreshes(count) if one_batch else on_updates_every(config.factor_update_every, count)
+        )
 
     def _accumulating(updates, accumulating, stage):
         """A stage of an accumulated step (``_microbatch``, driven by ``multi_steps``)."""
@@ -254,9 +265,8 @@ def _scale_by_kfe(
         _validation.check_stats(stats, specs)
         count = state.count
         damping_now = damping(count) if callable(damping) else damping
-        every = basis_update_every
         if accumulated is not None:
-            accumulated["refreshed"] = refresh_always or count % every == 0
+            accumulated["refreshed"] = refreshes(count)
 
         batch = _step.prepare(
             specs, updates, stats, count, damping_now, stack_blocks, **(accumulated or {})
@@ -264,27 +274,19 @@ def _scale_by_kfe(
 
         # With one-batch factors (factor_decay=0) only the basis updates need them.
         new_blocks = _stacking.stack(batch.groups, state.blocks)
-        factor_every = config.factor_update_every
-        if not one_batch and isinstance(factor_every, numbers.Integral) and factor_every == 1:
-            new_blocks = _step.factors(batch, new_blocks, config)
-        elif not one_batch:  # amortized: on updates 0, m, 2m, ..., debiased by their number
+        if not one_batch:  # on updates 0, m, 2m, ..., debiased by their number (m = 1: count)
 
             def new_factors(blocks):
-                return _step.factors(batch, blocks, config, count // factor_every)
+                return _step.factors(batch, blocks, config, count // config.factor_update_every)
 
-            new_blocks = jax.lax.cond(
-                count % factor_every == 0, new_factors, lambda b: b, new_blocks
-            )
+            new_blocks = when(factors_used(count), new_factors, new_blocks)
 
         # Amortized: the eigenbasis on updates 0, n, 2n, ...
         def new_basis(blocks):
             blocks = _step.factors(batch, blocks, config) if one_batch else blocks
             return _step.basis(batch, blocks, mesh, config)
 
-        if refresh_always:
-            new_blocks = new_basis(new_blocks)
-        else:
-            new_blocks = jax.lax.cond(count % every == 0, new_basis, lambda b: b, new_blocks)
+        new_blocks = when(refreshes(count), new_basis, new_blocks)
 
         preconditioned, new_blocks = _step.precondition(batch, new_blocks, config)
         leaves = _blocks.fallback_leaves(updates, blocks)

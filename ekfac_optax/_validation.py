@@ -29,8 +29,18 @@ def concrete(name: str, value: Any) -> float | None:
     return float(value)
 
 
-def check_hyperparameters(damping, basis_update_every, factor_decay):
-    """Raises ValueError/TypeError, naming the hyperparameter, for a value out of range."""
+def check_hyperparameters(damping, basis_update_every, factor_decay, factor_update_every=1):
+    """Raises ValueError/TypeError, naming the hyperparameter, for a value out of range
+    (``factor_update_every``: a number, or an array under ``optax.inject_hyperparams``)."""
+    value = (
+        None
+        if isinstance(factor_update_every, bool)
+        else concrete("factor_update_every", factor_update_every)
+    )
+    if isinstance(factor_update_every, bool) or (
+        value is not None and not (value >= 1 and value == int(value))
+    ):
+        raise ValueError(f"factor_update_every must be an int >= 1, got {factor_update_every!r}")
     damping_value = concrete("damping", damping)
     if damping_value is not None and not damping_value >= 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
