@@ -154,6 +154,12 @@ def _member_second_moments(spec, basis_a, basis_b, h, delta, attend=None):
     if spec.block == "diagonal":
         per_example = _scalings.scale_and_shift_grads(h, delta, spec.names)
         return jnp.mean(per_example**2, axis=0)
+    if spec.block == "kronecker":
+        project, per_example = _scalings.rotate_first_cost(
+            h.shape[-2], spec.d_in_aug, spec.d_out, basis_a is not None, basis_b is not None
+        )
+        if per_example < project:  # many positions (convolutions): rotate G_n, not h and delta
+            return _scalings.rotated_batch_scalings(h, delta, basis_a, basis_b, spec.has_bias)
     delta_kfe = _eigenbasis.outputs_to_eigenbasis(delta, basis_b)
     if spec.tied:
         attend_h, attend_delta = attend
@@ -161,11 +167,6 @@ def _member_second_moments(spec, basis_a, basis_b, h, delta, attend=None):
         return _scalings.tied_embedding_batch_scalings(h, delta_kfe, attend_delta, attend_kfe)
     if spec.block == "embed":
         return _scalings.embedding_batch_scalings(h, delta_kfe, spec.d_in)
-    project, per_example = _scalings.rotate_first_cost(
-        h.shape[-2], spec.d_in_aug, spec.d_out, basis_a is not None, basis_b is not None
-    )
-    if per_example < project:  # many positions (convolutions): rotate G_n, not h and delta
-        return _scalings.rotated_batch_scalings(h, delta, basis_a, basis_b, spec.has_bias)
     h_kfe = _eigenbasis.inputs_to_eigenbasis(h, basis_a, spec.has_bias)
     return _scalings.batch_scalings(h_kfe, delta_kfe)
 
@@ -202,7 +203,7 @@ def precondition(
     tied embedding's attend calls' ``(h, delta)``).
 
     ``accumulated``: ``s*`` of several micro-batches measured in the state's basis before this
-    update (``_accumulate``), used in place of this batch's own, except on an update that
+    update (``_microbatch``), used in place of this batch's own, except on an update that
     changed the basis (``refreshed``): only this batch's can be measured in the new basis.
     """
 
