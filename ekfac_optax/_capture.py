@@ -25,7 +25,7 @@ from flax import linen as nn
 from jax._src import core as jax_core
 from jax._src.interpreters import partial_eval as pe
 
-from ekfac_optax import _blocks, _kinds
+from ekfac_optax import _blocks, _kinds, _patches
 
 
 class LayerStats(NamedTuple):
@@ -35,9 +35,10 @@ class LayerStats(NamedTuple):
 
     Attributes:
       h: ``(*stack, N, T, d_in)`` inputs without the bias coordinate (conv:
-        SUA patches, flattened in the order of the block matrix's rows;
-        normalisation layers: the normalised input ``x̂``), or ``(N, T)``
-        integer token ids for an embedding.
+        SUA patches, flattened in the order of the block matrix's rows, held as
+        :class:`~ekfac_optax._patches.Patches` of the padded input, which
+        ``np.asarray`` or ``.dense()`` materialise; normalisation layers: the
+        normalised input ``x̂``), or ``(N, T)`` integer token ids for an embedding.
       delta: ``(*stack, N, T, d_out)`` gradients of the per-example loss with
         respect to the layer outputs (``N`` times the gradient of the mean loss;
         normalisation layers: ``d_out`` is the number of features).
@@ -148,7 +149,9 @@ class _Interceptor:
             if weights:
                 _refuse_mapped_inputs(path, x, weights[0])
             spec = kind.call_spec(path, module, args, kwargs)
-            h = None if isinstance(spec, str) else self._inputs(kind, spec, module, args, kwargs)
+            h = None
+            if not isinstance(spec, str):
+                h = kind.probe(self._inputs(kind, spec, module, args, kwargs))
             out = next_fun(*args, **kwargs)
             if jnp.size(out) == 0:
                 raise ValueError(
@@ -159,7 +162,7 @@ class _Interceptor:
             self.found.setdefault(path, {})[index] = (spec, _shape_of(h), _shape_of(out))
             return out
         spec = self.blocks[path]
-        h = jax.lax.stop_gradient(self._inputs(kind, spec, module, args, kwargs))
+        h = jax.lax.stop_gradient(kind.probe(self._inputs(kind, spec, module, args, kwargs)))
         out = next_fun(*args, **kwargs)
         probe_h, probe_delta = probes(index)
         return _tap(out, h.astype(probe_h.dtype), probe_h, probe_delta)
@@ -398,6 +401,10 @@ def stats_of(calls: dict[str, _Call], probe_grads) -> dict[str, LayerStats]:
             hs = [h for h, role in zip(hs, roles, strict=True) if role == _kinds.LOOKUP]
             gs = [g for g, role in zip(gs, roles, strict=True) if role == _kinds.LOOKUP]
         deltas[path] = [outputs(g) for g in gs]
+        kind = _kinds.BY_NAME[spec.kind]
+        hs = [kind.from_probe(spec, h) for h in hs]
+        if len(hs) > 1:  # the calls' positions concatenated (a convolution's patches dense)
+            hs = [_patches.dense(h) for h in hs]
         inputs[path] = [jnp.round(h).astype(jnp.int32) if spec.block == "embed" else h for h in hs]
     n = _batch_size(deltas)
 
@@ -411,12 +418,16 @@ def stats_of(calls: dict[str, _Call], probe_grads) -> dict[str, LayerStats]:
 
     return {
         path: LayerStats(
-            h=jnp.concatenate(inputs[path], axis=-1 if call.spec.block == "embed" else -2),
+            h=_concatenate(inputs[path], axis=-1 if call.spec.block == "embed" else -2),
             delta=n * jnp.concatenate(deltas[path], axis=-2),
             **attend_stats(path),
         )
         for path, call in calls.items()
     }
+
+
+def _concatenate(hs: list[Any], axis: int) -> Any:
+    return hs[0] if len(hs) == 1 else jnp.concatenate(hs, axis=axis)
 
 
 def find_blocks(loss_fn: Callable[..., Any], params: Any, *args, **kwargs):

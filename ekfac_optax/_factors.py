@@ -5,6 +5,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from ekfac_optax import _patches
+
 WeightSharing = Literal["expand", "reduce"]
 
 
@@ -19,23 +21,27 @@ def shared(h: jax.Array, delta: jax.Array, weight_sharing: WeightSharing):
     """
     if weight_sharing == "expand":
         return h, delta
-    return jnp.mean(h, axis=-2, keepdims=True), jnp.sum(delta, axis=-2, keepdims=True)
+    if isinstance(h, _patches.Patches):
+        mean = h.position_mean()
+    else:
+        mean = jnp.mean(h, axis=-2, keepdims=True)
+    return mean, jnp.sum(delta, axis=-2, keepdims=True)
 
 
 def factor_a(h: jax.Array, has_bias: bool, diagonal: bool = False) -> jax.Array:
-    """``A = mean_{n,t} h_aug_{n,t} h_aug_{n,t}ᵀ`` from ``(N, T, d_in)`` inputs.
+    """``A = mean_{n,t} h_aug_{n,t} h_aug_{n,t}ᵀ`` from ``(N, T, d_in)`` inputs (a convolution's
+    :class:`~ekfac_optax._patches.Patches`: materialised a chunk of examples at a time).
 
     With a bias, ``h_aug = [h; 1]`` and ``A = [[E[h hᵀ], E[h]], [E[h]ᵀ, 1]]``, assembled from
     ``hᵀh`` and the column sums, so that ``h_aug`` is never materialised (on CPU the concatenated
     operand makes the matmul about 1.3x slower). With ``diagonal``, only ``diag(A)``, a
     ``(d_in_aug,)`` vector (a side above the preconditioner's ``max_factor_dim``).
     """
-    second = factor_b(h, diagonal)  # the same second moment, of the inputs
+    second, mean = _patches.moments(h, diagonal)
     if not has_bias:
         return second
     if diagonal:
         return jnp.concatenate([second, jnp.ones((1,), h.dtype)])
-    mean = jnp.mean(h, axis=(0, 1))
     one = jnp.ones((1, 1), h.dtype)
     return jnp.block([[second, mean[:, None]], [mean[None, :], one]])
 

@@ -110,6 +110,14 @@ class _Kind:
         """``h``: ``(*stack, N, T, d_in)`` (embed: ``(N, T)`` token ids)."""
         raise NotImplementedError
 
+    def probe(self, h: Any) -> jax.Array:
+        """The array that the capture taps for :meth:`inputs`' ``h`` (its cotangent)."""
+        return h
+
+    def from_probe(self, spec: BlockSpec, probe: jax.Array) -> Any:
+        """Inverse of :meth:`probe`, for the probe's gradient (lifted axes included)."""
+        return probe
+
     def outputs(self, spec: BlockSpec, grad: jax.Array) -> jax.Array:
         """``delta``: the output gradient ``(*stack, N, T, d_out)``."""
         return grad.reshape(grad.shape[0], -1, spec.d_out)
@@ -230,16 +238,22 @@ class _Conv(_Kind):
         )
 
     def inputs(self, spec, module, args, kwargs):
+        """The patches as :class:`~ekfac_optax._patches.Patches` of the padded input (the groups'
+        channels on a leading axis): never materialised whole."""
         x = first_input(args, kwargs)
         geometry, groups = spec.layout[:2]
-        h = _patches.patches(geometry, x)
-        h = h.reshape(x.shape[0], -1, h.shape[-1])
-        if groups == 1:
-            return h
-        # Features are offset-major, channel-minor: split each offset's channels by group.
-        n, t, _ = h.shape
-        h = h.reshape(n, t, math.prod(geometry.kernel_size), groups, -1)
-        return jnp.moveaxis(h, 3, 0).reshape(groups, n, t, spec.d_in)
+        extra = x.ndim - len(geometry.kernel_size) - 2  # more batch axes: positions
+        if groups > 1:  # each group's channels, offset-major and channel-minor in its patches
+            x = jnp.moveaxis(x.reshape(*x.shape[:-1], groups, -1), -2, 0)
+        return _patches.Patches(_patches.pad(geometry, x), geometry, extra)
+
+    def probe(self, h):
+        return h.padded
+
+    def from_probe(self, spec, probe):
+        geometry = spec.layout[0]
+        extra = probe.ndim - len(spec.stack) - len(geometry.kernel_size) - 2
+        return _patches.Patches(probe, geometry, extra)
 
     def outputs(self, spec, grad):
         groups = spec.layout[1]

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ekfac_optax import _patches
 from ekfac_optax._factors import debiased_ema
 from ekfac_optax._validation import concrete as concrete_number
 
@@ -94,15 +95,19 @@ def rotated_batch_scalings(
     batched_ = batched
 
     def per_example(h, delta):
-        grad = _outer_sum(h, delta)
+        grad = _outer_sum(_patches.dense(h), delta)
         if has_bias:
             grad = jnp.concatenate([grad, jnp.sum(delta, axis=0)[None]], axis=0)
         if basis_a is not None:
             grad = jax.lax.dot_general(basis_a, grad, (((0,), (0,)), ((), ())))
         return grad if basis_b is None else grad @ basis_b
 
-    def batched(h, delta):
-        return jnp.mean(jax.vmap(per_example)(h, delta) ** 2, axis=0)
+    def batched(h, delta):  # a convolution's patches a chunk of examples at a time
+        def add(total, chunk):
+            return total + jnp.sum(jax.vmap(per_example)(*chunk) ** 2, axis=0), None
+
+        zeros = jnp.zeros((a, delta.shape[-1]), delta.dtype)
+        return jax.lax.scan(add, zeros, _patches.chunked(h, delta))[0] / n
 
     def loop(h, delta):
         chunks = math.gcd(n, jax.device_count())
@@ -170,7 +175,7 @@ def _mean_square_loop(per_example, shape, operands, chunks: int) -> jax.Array:
     def split(x):
         return x.reshape(chunks, n // chunks, *x.shape[1:])
 
-    return jnp.sum(jax.vmap(chunk_sum)(*map(split, operands)), axis=0) / n
+    return jnp.sum(jax.vmap(chunk_sum)(*jax.tree.map(split, operands)), axis=0) / n
 
 
 def embedding_batch_scalings(ids: jax.Array, delta_kfe: jax.Array, vocab: int) -> jax.Array:

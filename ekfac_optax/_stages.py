@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ekfac_optax import _blocks, _eigenbasis, _factors, _scalings
+from ekfac_optax import _blocks, _eigenbasis, _factors, _patches, _scalings
 
 
 def _stacked(fn, spec):
@@ -167,7 +167,7 @@ def _member_second_moments(spec, basis_a, basis_b, h, delta, attend=None):
         return _scalings.tied_embedding_batch_scalings(h, delta_kfe, attend_delta, attend_kfe)
     if spec.block == "embed":
         return _scalings.embedding_batch_scalings(h, delta_kfe, spec.d_in)
-    h_kfe = _eigenbasis.inputs_to_eigenbasis(h, basis_a, spec.has_bias)
+    h_kfe = _eigenbasis.inputs_to_eigenbasis(_patches.dense(h), basis_a, spec.has_bias)
     return _scalings.batch_scalings(h_kfe, delta_kfe)
 
 
