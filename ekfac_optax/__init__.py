@@ -10,8 +10,10 @@ from ekfac_optax._blocks import Blocks, BlockSpec, block_labels
 from ekfac_optax._capture import LayerStats, find_blocks, value_grad_and_stats
 from ekfac_optax._checkpoint import restore_state, save_state
 from ekfac_optax._graft import GraftState, graft
+from ekfac_optax._loss_check import check_loss
 from ekfac_optax._scalings import AdamSlot
 from ekfac_optax._summary import ParameterRow, Summary, summarize, summary
+from ekfac_optax._train_state import TrainState
 from ekfac_optax._transform import (
     BlockState,
     DiagonalState,
@@ -35,7 +37,9 @@ __all__ = [
     "ParameterRow",
     "ScaleByEkfacState",
     "Summary",
+    "TrainState",
     "block_labels",
+    "check_loss",
     "ekfac",
     "find_blocks",
     "graft",

@@ -260,11 +260,35 @@ def block_labels(params: Any, blocks: Mapping[str, BlockSpec]) -> Any:
       {'layers_0': {'embedding': 'fallback'}, 'layers_1': {'bias': 'block', 'kernel': 'block'}}
     """
 
+    blocks = checked(blocks, "block_labels", params)
+
     def label(key_path, _):
         layer, name = leaf_location(key_path)
         return "block" if layer in blocks and name in blocks[layer].names else "fallback"
 
     return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _is_blocks(blocks: Any) -> bool:
+    return isinstance(blocks, Mapping) and all(
+        isinstance(spec, BlockSpec) and spec.path == path for path, spec in blocks.items()
+    )
+
+
+def checked(blocks: Any, where: str, params: Any = None) -> dict[str, BlockSpec]:
+    """The ``blocks`` argument as a dict sorted by path, or a TypeError naming it (and, where
+    ``params`` comes before it, saying that a ``params`` of blocks means they are swapped)."""
+    if params is not None and _is_blocks(params) and params and not _is_blocks(blocks):
+        raise TypeError(
+            f"{where}: params is a dict of BlockSpec and blocks is not: the arguments are "
+            f"swapped; call {where}(params, blocks)"
+        )
+    if not _is_blocks(blocks):
+        raise TypeError(
+            f"{where}: blocks must be the dict of BlockSpec returned by ek.find_blocks(loss_fn, "
+            f"params, *batch) (or a subset of it), got {type(blocks).__name__}"
+        )
+    return dict(sorted(blocks.items()))
 
 
 def check_params(params: Any, blocks: Mapping[str, BlockSpec], where: str) -> None:

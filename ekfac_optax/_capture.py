@@ -368,7 +368,24 @@ def select(calls: dict[str, _Call], layers, reasons) -> dict[str, _Call]:
 
 
 def split_loss(out, has_aux: bool):
-    """``(loss, aux)`` of ``loss_fn``'s output, checked to be a scalar loss."""
+    """``(loss, aux)`` of ``loss_fn``'s output, checked to be a scalar loss (and a pair with
+    ``has_aux``, a single value without)."""
+    if not has_aux and isinstance(out, tuple | list):
+        raise ValueError(
+            f"value_grad_and_stats: loss_fn returned a {type(out).__name__} of {len(out)} items; "
+            "a loss_fn that returns (loss, aux) needs has_aux=True: "
+            "ek.value_grad_and_stats(loss_fn, has_aux=True)"
+        )
+    if has_aux and not (isinstance(out, tuple | list) and len(out) == 2):
+        got = (
+            f"a {type(out).__name__} of {len(out)} items"
+            if isinstance(out, tuple | list)
+            else f"a single value of shape {jnp.shape(out)}"
+        )
+        raise ValueError(
+            "value_grad_and_stats: with has_aux=True, loss_fn must return a pair (loss, aux); "
+            f"got {got}"
+        )
     loss, aux = out if has_aux else (out, None)
     if jnp.shape(loss) != ():
         raise ValueError(

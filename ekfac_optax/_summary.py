@@ -94,6 +94,7 @@ def summary(
       >>> [r.state_bytes for r in info.rows]  # a block's state on its first parameter
       [1048, 0, 876, 0]
     """
+    _blocks.checked(blocks, "summary", params)  # blocks kept: a Blocks also has the reasons
     params = _blocks.as_arrays(params)
     _blocks.check_params(params, blocks, "summarize")
     capped = _blocks.with_cap(blocks, max_factor_dim)
@@ -169,6 +170,7 @@ def summarize(
       size, layer, kind, capped factor sides) or the fallback; then the totals, the state's
       as a multiple of the parameters'. :func:`summary` gives the same as named fields.
     """
+    _blocks.checked(blocks, "summarize", params)
     info = summary(params, blocks, fallback, max_factor_dim, tx=tx)
     rows = [("parameter", "shape", "params", "state", "preconditioning")]
     rows += [

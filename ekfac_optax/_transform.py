@@ -165,7 +165,7 @@ def _scale_by_kfe(
     stack_blocks: bool,
 ) -> optax.GradientTransformationExtraArgs:
     """The shared machinery of :func:`scale_by_ekfac` and :func:`scale_by_kfac`."""
-    blocks = _blocks.with_cap(_validation.check_blocks(blocks), max_factor_dim)
+    blocks = _blocks.with_cap(_blocks.checked(blocks, "scale_by_ekfac"), max_factor_dim)
     if not isinstance(stack_blocks, bool):
         raise TypeError(f"stack_blocks must be True or False, got {stack_blocks!r}")
     if mesh is not None and not isinstance(mesh, Mesh):
@@ -190,6 +190,7 @@ def _scale_by_kfe(
     def init_fn(params):
         params = _blocks.as_arrays(params)  # nnx.Optimizer passes nnx.Param variables
         _blocks.check_params(params, blocks, "init")
+        _validation.check_finite_params(params, "init")
         leaves = _blocks.fallback_leaves(params, blocks) if fallback == "diagonal" else {}
         return ScaleByEkfacState(
             count=jnp.zeros([], jnp.int32),
@@ -204,7 +205,12 @@ def _scale_by_kfe(
         )
 
     def update_fn(updates, state, params=None, *, stats=None, **extra_args):
-        del params, extra_args
+        del params
+        if stats is None and extra_args:  # e.g. stat=: optax.chain forwards any keyword
+            raise TypeError(
+                f"scale_by_ekfac.update got the keyword argument(s) {sorted(extra_args)} and no "
+                "stats=...; pass the third output of ek.value_grad_and_stats as stats=stats"
+            )
         # Every product of the curvature (factors, bases, scalings) at full float32 precision:
         # a TPU's or GPU's default (bfloat16 passes, TF32) would round the eigenbasis rotations.
         with jax.default_matmul_precision("highest"):

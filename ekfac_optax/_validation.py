@@ -60,16 +60,25 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def check_blocks(blocks: Any) -> dict[str, _blocks.BlockSpec]:
-    """The ``blocks`` argument as a dict, or a TypeError that says how to build it."""
-    if not isinstance(blocks, Mapping) or not all(
-        isinstance(spec, _blocks.BlockSpec) and spec.path == path for path, spec in blocks.items()
-    ):
-        raise TypeError(
-            "blocks must be the dict of BlockSpec returned by ek.find_blocks(loss_fn, params, "
-            f"*batch) (or a subset of it), got {type(blocks).__name__}"
+def check_finite_params(params: Any, where: str) -> None:
+    """Raises a ValueError naming the parameters that hold a NaN or an infinity, where the
+    values are known (not under ``jax.jit``: traced params pass unchecked)."""
+    leaves = [
+        (_blocks.path_key(key_path), leaf)
+        for key_path, leaf in jax.tree_util.tree_leaves_with_path(params)
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+    ]
+    if not leaves or any(isinstance(leaf, jax.core.Tracer) for _, leaf in leaves):
+        return
+    finite = jax.device_get([jnp.all(jnp.isfinite(leaf)) for _, leaf in leaves])
+    bad = [path for (path, _), ok in zip(leaves, finite, strict=True) if not ok]
+    if bad:
+        shown = bad[:5] + (["..."] if len(bad) > 5 else [])
+        raise ValueError(
+            f"{where}: the params hold NaN or infinite values in {len(bad)} parameter(s): "
+            f"{shown}; a preconditioner started from them would produce only NaN updates "
+            "(check the initialisation, or the checkpoint they came from)"
         )
-    return dict(sorted(blocks.items()))
 
 
 def _slot_shape(slot: Any) -> tuple[int, ...] | None:

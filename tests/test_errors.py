@@ -466,3 +466,96 @@ def test_state_of_a_model_with_other_layers():
         state=state_of((6, 5, 4)),
         state_is_good=False,
     )
+
+
+# --- Errors a user understands (issue 33) --------------------------------------------------------
+
+
+def aux_loss(params, x, y):
+    loss = classifier_loss(MODEL)(params, x, y)
+    return loss, {"loss": loss}
+
+
+def test_loss_with_aux_without_has_aux():
+    """A loss returning ``(loss, aux)`` without ``has_aux=True``: a ValueError saying to pass
+    it (it was a TracerArrayConversionError from inside the capture), eagerly and under jit;
+    ``has_aux=True`` with a single value: a ValueError too."""
+    params, *_ = setup()
+    x, y = data()
+    for fn in (ek.value_grad_and_stats(aux_loss), jax.jit(ek.value_grad_and_stats(aux_loss))):
+        with pytest.raises(ValueError, match=r"returned a tuple of 2 items.*has_aux=True"):
+            fn(params, x, y)
+    single = ek.value_grad_and_stats(classifier_loss(MODEL), has_aux=True)
+    with pytest.raises(ValueError, match=r"must return a pair \(loss, aux\); got a single value"):
+        single(params, x, y)
+    (loss, aux), _, _ = ek.value_grad_and_stats(aux_loss, has_aux=True)(params, x, y)
+    assert float(loss) == float(aux["loss"])
+
+
+def test_misspelled_stats_keyword_is_named():
+    """``update(..., stat=stats)``: a TypeError naming ``stat`` (optax.chain forwards any
+    keyword, so the preconditioner sees it), also through a chain, state untouched."""
+    params, grads, stats, _ = setup()
+    state = TX.init(params)
+    with pytest.raises(TypeError, match=r"keyword argument\(s\) \['stat'\] and no stats="):
+        TX.update(grads, state, params, stat=stats)
+    chained = optax.chain(optax.clip_by_global_norm(1.0), TX)
+    with pytest.raises(TypeError, match=r"\['stat'\]"):
+        jax.jit(lambda g, s, p, st: chained.update(g, s, p, stat=st))(
+            grads, chained.init(params), params, stats
+        )
+
+
+def test_summarize_with_swapped_arguments():
+    """``summarize(blocks, params)`` / ``summary`` / ``block_labels``: a TypeError saying the
+    arguments are swapped (it was an AttributeError from inside ``_blocks``); a blocks argument
+    of another type: a TypeError naming ``blocks``."""
+    params, *_ = setup()
+    for fn in (ek.summarize, ek.summary, ek.block_labels):
+        name = fn.__name__
+        with pytest.raises(TypeError, match=rf"{name}: params is a dict of BlockSpec.*swapped"):
+            fn(BLOCKS, params)
+        with pytest.raises(TypeError, match=rf"{name}: {BLOCKS_TYPE}"):
+            fn(params, ["Dense_0"])
+    assert "Dense_0" in ek.summarize(params, BLOCKS)
+
+
+def test_non_finite_params_at_init():
+    """Params holding NaN or inf: ``init`` raises a ValueError naming them (values known); under
+    ``jax.jit`` the values are not known and ``init`` passes (documented)."""
+    params, *_ = setup()
+    bad = jax.tree.map(lambda x: x, params)
+    bad["Dense_0"]["kernel"] = bad["Dense_0"]["kernel"].at[0, 0].set(jnp.nan)
+    bad["Dense_1"]["bias"] = bad["Dense_1"]["bias"].at[0].set(jnp.inf)
+    with pytest.raises(ValueError, match=r"init: the params hold NaN or infinite values in 2 "):
+        TX.init(bad)
+    with pytest.raises(ValueError, match=r"\['Dense_0/kernel', 'Dense_1/bias'\]"):
+        ek.kfe_adam(1e-3, blocks=BLOCKS).init(bad)
+    jax.jit(TX.init)(bad)  # traced: not checked
+    TX.init(params)
+
+
+def test_check_loss():
+    """``ek.check_loss``: a mean loss passes; a sum over the batch, non-finite params, a pair
+    without ``has_aux`` and a non-finite loss raise, each saying what it found."""
+    params, *_ = setup()
+    x, y = data()
+    mean_loss = classifier_loss(MODEL)
+    ek.check_loss(mean_loss, params, x, y)
+    ek.check_loss(aux_loss, params, x, y, has_aux=True)
+    ek.check_loss(mean_loss, params, x[:7], y[:7])  # odd N: halves of 3 and 4, weighted
+
+    def sum_loss(params, x, y):
+        return mean_loss(params, x, y) * x.shape[0]
+
+    with pytest.raises(ValueError, match=r"looks like a sum over the batch, not a mean"):
+        ek.check_loss(sum_loss, params, x, y)
+    with pytest.raises(ValueError, match=r"has_aux=True"):
+        ek.check_loss(aux_loss, params, x, y)
+    nan = jax.tree.map(lambda a: a * jnp.nan, params)
+    with pytest.raises(ValueError, match=r"check_loss: the params hold NaN"):
+        ek.check_loss(mean_loss, nan, x, y)
+    with pytest.raises(ValueError, match=r"returned nan"):
+        ek.check_loss(lambda p, x, y: mean_loss(p, x, y) * jnp.nan, params, x, y)
+    with pytest.raises(ValueError, match=r"at least 2 examples"):
+        ek.check_loss(mean_loss, params, x[:1], y[:1])
