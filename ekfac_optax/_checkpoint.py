@@ -3,7 +3,8 @@
 Any pytree holding :class:`ScaleByEkfacState` (an ``opt_state`` of a chain, a
 whole train state) saves as it is; restoring first compares the checkpoint's
 tree with the expected one, so a model whose layers changed gets an error
-that names them instead of an orbax traceback.
+that names them instead of an orbax traceback. orbax-checkpoint is the optional extra
+``checkpoint`` (``pip install 'ekfac_optax[checkpoint]'``), imported only when called.
 """
 
 import os
@@ -54,6 +55,18 @@ def _check_matches(saved: dict, expected: dict, directory: str) -> None:
         )
 
 
+def _orbax():
+    """``orbax.checkpoint``, or an ImportError that names the extra to install."""
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as error:
+        raise ImportError(
+            "ek.save_state and ek.restore_state need orbax-checkpoint, an optional dependency: "
+            "pip install 'ekfac_optax[checkpoint]' (or pip install orbax-checkpoint)"
+        ) from error
+    return ocp
+
+
 def save_state(directory: str | os.PathLike, state: Any) -> None:
     """Saves a pytree (e.g. an ``opt_state``) as an orbax checkpoint directory.
 
@@ -61,8 +74,7 @@ def save_state(directory: str | os.PathLike, state: Any) -> None:
       directory: the checkpoint directory to create (must not exist).
       state: the pytree of arrays to save.
     """
-    import orbax.checkpoint as ocp
-
+    ocp = _orbax()
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.abspath(directory), state)
 
@@ -82,8 +94,7 @@ def restore_state(directory: str | os.PathLike, like: Any) -> Any:
       ValueError: if the checkpoint's layers, shapes or dtypes differ from
         ``like``'s, naming the mismatching layers.
     """
-    import orbax.checkpoint as ocp
-
+    ocp = _orbax()
     directory = os.path.abspath(directory)
     with ocp.StandardCheckpointer() as checkpointer:
         saved = checkpointer.metadata(directory).item_metadata.tree
