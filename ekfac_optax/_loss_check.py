@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ekfac_optax import _blocks, _capture, _validation
+from ekfac_optax import _blocks, _probes, _validation
 
 
 def _batch_size(args: Any) -> int:
@@ -85,7 +85,7 @@ def check_loss(
     def loss(part):
         a, kw = _half((args, kwargs), n, part)
         model = nnx.clone(params) if isinstance(params, nnx.Module) else params
-        value, _ = _capture.split_loss(loss_fn(model, *a, **kw), has_aux)
+        value, _ = _probes.split_loss(loss_fn(model, *a, **kw), has_aux)
         return float(value)
 
     whole, first, second = loss(slice(None)), loss(slice(None, n // 2)), loss(slice(n // 2, None))

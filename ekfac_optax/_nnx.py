@@ -1,8 +1,8 @@
-"""Capture for Flax NNX models: the layer-kind table and the probes of ``_capture``, for modules
+"""Capture for Flax NNX models: the layer-kind table and the probes of ``_probes``, for modules
 that are Python objects instead of linen calls.
 
 NNX has no method interceptor, so while ``loss_fn`` runs, the methods of the NNX classes of the
-table (``nnx.Linear.__call__``, ...) are wrapped to pass through ``_capture._Interceptor.handle``.
+table (``nnx.Linear.__call__``, ...) are wrapped to pass through ``_probes.Interceptor.handle``.
 The loss runs on a copy of the model (``nnx.split`` / ``nnx.merge``: the same arrays) whose
 modules carry their path as a static attribute, so that a module rebuilt inside ``nnx.jit``,
 ``nnx.scan``, ``nnx.vmap`` or ``nnx.remat`` still knows it. In the differentiated pass each
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ekfac_optax import _blocks, _capture, _kinds
+from ekfac_optax import _blocks, _kinds, _probes
 
 _PATH = "_ekfac_path"  # a module's "/"-joined path, a static attribute of the copy
 _PASS = "_ekfac_pass"  # a new value per abstract pass: a jitted function inside is traced again
@@ -83,7 +83,7 @@ _OWNER: list[int] = []  # the thread holding it
 
 
 @contextlib.contextmanager
-def _intercepting(interceptor: _capture._Interceptor):
+def _intercepting(interceptor: _probes.Interceptor):
     """The NNX layer methods routed through ``interceptor`` (tagged modules only); another
     thread's capture waits."""
     if _OWNER and _OWNER[0] == threading.get_ident():
@@ -124,11 +124,11 @@ def _intercepting(interceptor: _capture._Interceptor):
 
 
 def abstract_pass(loss_fn: Callable, model: nnx.Module, args, kwargs):
-    """``(blocks as _capture._Call, fallback reasons)`` of one abstract run of
+    """``(blocks as _probes.Call, fallback reasons)`` of one abstract run of
     ``loss_fn(model, ...)``, on a tagged copy (the model is not changed)."""
-    copy, modules = _tagged(model, **{_PASS: next(_capture.PASSES)})
+    copy, modules = _tagged(model, **{_PASS: next(_probes.PASSES)})
     graphdef, state = nnx.split(copy)
-    interceptor = _capture._Interceptor()
+    interceptor = _probes.Interceptor()
 
     def run(state):
         with _intercepting(interceptor):
@@ -144,14 +144,14 @@ def abstract_pass(loss_fn: Callable, model: nnx.Module, args, kwargs):
             "captured. Likely causes: the loss calls a different model object than the one "
             "passed in, or layers created inside the loss."
         )
-    return _capture._resolve(interceptor.found, _blocks.as_arrays(model))
+    return _probes.resolve(interceptor.found, _blocks.as_arrays(model))
 
 
 def value_grad_and_stats(loss_fn, has_aux: bool, layers, model: nnx.Module, args, kwargs):
     """``_capture.value_grad_and_stats`` for an NNX model: ``(value, grads, stats)`` with
     ``grads`` the ``nnx.State`` of the model's ``nnx.Param`` gradients (as ``nnx.grad``)."""
     calls, reasons = abstract_pass(loss_fn, model, args, kwargs)
-    calls = _capture.select(calls, layers, reasons)
+    calls = _probes.select(calls, layers, reasons)
     copy, modules = _tagged(model)
     for path, call in calls.items():
         for which, shapes in (("h", call.h), ("delta", call.out)):
@@ -166,8 +166,8 @@ def value_grad_and_stats(loss_fn, has_aux: bool, layers, model: nnx.Module, args
 
     def probed_loss(params, probes, rest):  # rest: an argument, so that the loss can update it
         model = nnx.merge(graphdef, probes, params, rest, copy=True)
-        with _intercepting(_capture._Interceptor(unlifted)):
-            loss, aux = _capture.split_loss(loss_fn(model, *args, **kwargs), has_aux)
+        with _intercepting(_probes.Interceptor(unlifted)):
+            loss, aux = _probes.split_loss(loss_fn(model, *args, **kwargs), has_aux)
         return loss, (aux, nnx.state(model, nnx.Not(nnx.Param)))
 
     (loss, (aux, new_rest)), (grads, probe_grads) = jax.value_and_grad(
@@ -181,5 +181,5 @@ def value_grad_and_stats(loss_fn, has_aux: bool, layers, model: nnx.Module, args
         hs = [node[_probe_name("h", i)] for i in range(len(call.h))]
         return hs, [node[_probe_name("delta", i)] for i in range(len(call.out))]
 
-    stats = _capture.stats_of(calls, by_path)
+    stats = _probes.stats_of(calls, by_path)
     return ((loss, aux) if has_aux else loss), grads, stats

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from ekfac_optax import _blocks
-from ekfac_optax._capture import LayerStats
+from ekfac_optax._stats import LayerStats
 
 
 def concrete(name: str, value: Any) -> float | None:
