@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: demo test test-fast coverage lint
+.PHONY: demo test test-fast coverage lint docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
-# The tests not marked slow: every library module, about 3 minutes (see the README).
+# The tests not marked slow: every library module, about 5 minutes (see docs/development.md).
 test-fast: $(STAMP)
 	$(VPY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
@@ -28,6 +28,10 @@ test-fast: $(STAMP)
 coverage: $(STAMP)
 	$(VPY) -m pytest -q --cov=ekfac_optax --cov-report=term $(PYTEST_ARGS)
 	$(VPY) -m pytest -q -m "not slow" --cov=ekfac_optax --cov-report=term $(PYTEST_ARGS)
+
+# The docs site (MkDocs: docs/, API pages from the docstrings) in site/; a warning fails it.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VPY) -m mkdocs build --strict -d site
 
 lint: $(STAMP)
 	$(VPY) -m ruff check .

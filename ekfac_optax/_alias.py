@@ -7,7 +7,7 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from ekfac_optax import _blocks, _factors, _scalings
+from ekfac_optax import _blocks, _docstrings, _factors, _scalings
 from ekfac_optax._graft import graft as _graft
 from ekfac_optax._transform import (
     Fallback,
@@ -18,6 +18,22 @@ from ekfac_optax._transform import (
 )
 
 
+@_docstrings.inherit_arguments(
+    scale_by_ekfac,
+    "blocks",
+    "damping",
+    "basis_update_every",
+    "factor_decay",
+    "factor_update_every",
+    "scaling",
+    "scaling_decay",
+    "damping_mode",
+    "weight_sharing",
+    "fallback",
+    "mesh",
+    "max_factor_dim",
+    "stack_blocks",
+)
 def ekfac(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -40,9 +56,7 @@ def ekfac(
 
     Args:
       learning_rate: a float or an optax schedule.
-      blocks, damping, basis_update_every, factor_decay, factor_update_every, scaling,
-      scaling_decay, damping_mode, weight_sharing, fallback, mesh, max_factor_dim, stack_blocks:
-        see :func:`scale_by_ekfac`.
+      {inherited arguments}
       graft: a transformation whose per-parameter update norms EKFAC's directions take
         (:func:`graft`), e.g. ``optax.scale_by_adam()``: the learning rate is then on that
         transformation's scale. ``None`` (default): EKFAC's own norms.
@@ -71,6 +85,20 @@ def ekfac(
     )
 
 
+@_docstrings.inherit_arguments(
+    scale_by_ekfac,
+    "blocks",
+    "damping",
+    "basis_update_every",
+    "factor_decay",
+    "factor_update_every",
+    "damping_mode",
+    "weight_sharing",
+    "fallback",
+    "mesh",
+    "max_factor_dim",
+    "stack_blocks",
+)
 def kfac(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -91,8 +119,7 @@ def kfac(
 
     Args:
       learning_rate: a float or an optax schedule.
-      blocks, damping, basis_update_every, factor_decay, factor_update_every, damping_mode,
-      weight_sharing, fallback, mesh, max_factor_dim, stack_blocks: see :func:`scale_by_kfac`.
+      {inherited arguments}
       graft: a transformation whose per-parameter update norms KFAC's directions take
         (:func:`graft`), e.g. ``optax.scale_by_adam()``. ``None`` (default): KFAC's own norms.
 
@@ -129,6 +156,21 @@ def _scaled(
     return optax.chain(direction, optax.scale_by_learning_rate(learning_rate))
 
 
+@_docstrings.inherit_arguments(
+    scale_by_kfe_adam,
+    "blocks",
+    "b1",
+    "b2",
+    "eps",
+    "basis_update_every",
+    "factor_decay",
+    "factor_update_every",
+    "weight_sharing",
+    "fallback",
+    "mesh",
+    "max_factor_dim",
+    "stack_blocks",
+)
 def kfe_adam(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -149,8 +191,7 @@ def kfe_adam(
 
     Args:
       learning_rate: a float or an optax schedule.
-      blocks, b1, b2, eps, basis_update_every, factor_decay, factor_update_every, weight_sharing,
-      fallback, mesh, max_factor_dim, stack_blocks: see :func:`scale_by_kfe_adam`.
+      {inherited arguments}
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` to ``update``.
@@ -173,6 +214,21 @@ def kfe_adam(
     )
 
 
+@_docstrings.inherit_arguments(
+    scale_by_kfe_adam,
+    "blocks",
+    "b1",
+    "b2",
+    "eps",
+    "basis_update_every",
+    "factor_decay",
+    "factor_update_every",
+    "weight_sharing",
+    "fallback",
+    "mesh",
+    "max_factor_dim",
+    "stack_blocks",
+)
 def kfe_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -198,8 +254,7 @@ def kfe_adamw(
       learning_rate: a float or an optax schedule.
       weight_decay: the decoupled weight decay (``optax.adamw``'s default, 1e-4).
       mask: which parameters decay (``optax.add_decayed_weights``'s ``mask``).
-      blocks, b1, b2, eps, basis_update_every, factor_decay, factor_update_every, weight_sharing,
-      fallback, mesh, max_factor_dim, stack_blocks: see :func:`scale_by_kfe_adam`.
+      {inherited arguments}
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` and ``params`` to

@@ -124,7 +124,8 @@ def find_blocks(loss_fn: Callable[..., Any], params: Any, *args, **kwargs):
       loss_fn: the loss given to :func:`value_grad_and_stats`; its value is not used.
       params: the parameter tree (the ``"params"`` collection), or a Flax NNX model (then
         ``loss_fn(model, *args, **kwargs)``; the NNX classes of the same kinds).
-      *args, **kwargs: a batch (or arrays of its shapes and dtypes) as ``loss_fn`` takes it.
+      *args: a batch (or arrays of its shapes and dtypes) as ``loss_fn`` takes it.
+      **kwargs: ``loss_fn``'s keyword arguments, likewise.
 
     Returns:
       A dict from module path to :class:`BlockSpec`, sorted by path: the ``blocks``

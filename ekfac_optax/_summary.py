@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ekfac_optax import _blocks, _scalings, _transform
+from ekfac_optax import _blocks, _docstrings, _scalings, _transform
 
 
 class ParameterRow(NamedTuple):
@@ -151,6 +151,7 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
+@_docstrings.inherit_arguments(summary, "params", "blocks", "fallback", "max_factor_dim", "tx")
 def summarize(
     params: Any,
     blocks: Mapping[str, _blocks.BlockSpec],
@@ -162,7 +163,7 @@ def summarize(
     """A readable table of how each parameter is preconditioned and what its state costs.
 
     Args:
-      params, blocks, fallback, max_factor_dim, tx: as for :func:`summary`.
+      {inherited arguments}
 
     Returns:
       A multi-line string: one row per parameter with its path, shape, bytes, the bytes of

@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 
 from ekfac_optax import (
     _blocks,
+    _docstrings,
     _factors,
     _kinds,
     _microbatch,
@@ -555,6 +556,16 @@ def scale_by_kfac(
     )
 
 
+@_docstrings.inherit_arguments(
+    scale_by_ekfac,
+    "basis_update_every",
+    "factor_decay",
+    "factor_update_every",
+    "weight_sharing",
+    "mesh",
+    "max_factor_dim",
+    "stack_blocks",
+)
 def scale_by_kfe_adam(
     *,
     blocks: Mapping[str, _blocks.BlockSpec],
@@ -599,8 +610,7 @@ def scale_by_kfe_adam(
       b1: decay of the first moment, in ``[0, 1)``.
       b2: decay of the second moment, in ``[0, 1)``.
       eps: ``>= 0``, added to ``√ν̂``.
-      basis_update_every, factor_decay, factor_update_every, weight_sharing, mesh,
-        max_factor_dim, stack_blocks: see :func:`scale_by_ekfac`.
+      {inherited arguments}
       fallback: ``"diagonal"`` (Adam on the parameters in no block) or ``"identity"``.
 
     Returns:
