@@ -18,22 +18,7 @@ from ekfac_optax._transform import (
 )
 
 
-@_docstrings.inherit_arguments(
-    scale_by_ekfac,
-    "blocks",
-    "damping",
-    "basis_update_every",
-    "factor_decay",
-    "factor_update_every",
-    "scaling",
-    "scaling_decay",
-    "damping_mode",
-    "weight_sharing",
-    "fallback",
-    "mesh",
-    "max_factor_dim",
-    "stack_blocks",
-)
+@_docstrings.inherit_arguments(scale_by_ekfac)
 def ekfac(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -85,20 +70,7 @@ def ekfac(
     )
 
 
-@_docstrings.inherit_arguments(
-    scale_by_ekfac,
-    "blocks",
-    "damping",
-    "basis_update_every",
-    "factor_decay",
-    "factor_update_every",
-    "damping_mode",
-    "weight_sharing",
-    "fallback",
-    "mesh",
-    "max_factor_dim",
-    "stack_blocks",
-)
+@_docstrings.inherit_arguments(scale_by_ekfac)
 def kfac(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -156,21 +128,7 @@ def _scaled(
     return optax.chain(direction, optax.scale_by_learning_rate(learning_rate))
 
 
-@_docstrings.inherit_arguments(
-    scale_by_kfe_adam,
-    "blocks",
-    "b1",
-    "b2",
-    "eps",
-    "basis_update_every",
-    "factor_decay",
-    "factor_update_every",
-    "weight_sharing",
-    "fallback",
-    "mesh",
-    "max_factor_dim",
-    "stack_blocks",
-)
+@_docstrings.inherit_arguments(scale_by_kfe_adam)
 def kfe_adam(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -214,21 +172,7 @@ def kfe_adam(
     )
 
 
-@_docstrings.inherit_arguments(
-    scale_by_kfe_adam,
-    "blocks",
-    "b1",
-    "b2",
-    "eps",
-    "basis_update_every",
-    "factor_decay",
-    "factor_update_every",
-    "weight_sharing",
-    "fallback",
-    "mesh",
-    "max_factor_dim",
-    "stack_blocks",
-)
+@_docstrings.inherit_arguments(scale_by_kfe_adam)
 def kfe_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,

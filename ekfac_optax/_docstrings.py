@@ -26,18 +26,21 @@ def arguments(fn: Callable) -> dict[str, str]:
     return {key: "\n".join(value) for key, value in entries.items()}
 
 
-def inherit_arguments(source: Callable, *names: str) -> Callable[[Callable], Callable]:
+def inherit_arguments(source: Callable) -> Callable[[Callable], Callable]:
     """Decorator: the line ``{inherited arguments}`` of the ``Args:`` section becomes ``source``'s
-    entries for ``names``, in that order (a KeyError, at import, for a name it lacks)."""
+    entries for the decorated function's parameters that its own docstring does not document,
+    in the order of its signature."""
 
     def decorate(fn: Callable) -> Callable:
+        if fn.__doc__ is None or f"      {MARKER}\n" not in fn.__doc__:
+            raise ValueError(f"{fn.__name__}'s docstring has no line {MARKER!r} in its Args")
         entries = arguments(source)
+        own = set(re.findall(r"^      (\w+): ", fn.__doc__, re.M))
+        names = [p for p in inspect.signature(fn).parameters if p in entries and p not in own]
         text = "\n".join(
             "\n".join("      " + line if line else "" for line in entries[name].split("\n"))
             for name in names
         )
-        if fn.__doc__ is None or f"      {MARKER}\n" not in fn.__doc__:
-            raise ValueError(f"{fn.__name__}'s docstring has no line {MARKER!r} in its Args")
         fn.__doc__ = fn.__doc__.replace(f"      {MARKER}", text, 1)
         return fn
 

@@ -151,7 +151,7 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-@_docstrings.inherit_arguments(summary, "params", "blocks", "fallback", "max_factor_dim", "tx")
+@_docstrings.inherit_arguments(summary)
 def summarize(
     params: Any,
     blocks: Mapping[str, _blocks.BlockSpec],

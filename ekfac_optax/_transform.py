@@ -556,16 +556,7 @@ def scale_by_kfac(
     )
 
 
-@_docstrings.inherit_arguments(
-    scale_by_ekfac,
-    "basis_update_every",
-    "factor_decay",
-    "factor_update_every",
-    "weight_sharing",
-    "mesh",
-    "max_factor_dim",
-    "stack_blocks",
-)
+@_docstrings.inherit_arguments(scale_by_ekfac)
 def scale_by_kfe_adam(
     *,
     blocks: Mapping[str, _blocks.BlockSpec],
