@@ -138,6 +138,21 @@ def find_blocks(loss_fn: Callable[..., Any], params: Any, *args, **kwargs):
         not fit its kind (e.g. an ``nn.Embed`` on floats, a layer without a batch axis),
         naming the layer path and the expected and actual shapes; for a layer called
         inside ``jax.vmap`` over examples; for a loss that runs no layer of the model.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
+      >>> import ekfac_optax as ek
+      >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.LayerNorm(), nn.Dense(3)])
+      >>> x, y = jnp.ones((4, 5)), jnp.array([0, 1, 2, 0])
+      >>> params = model.init(jax.random.key(0), x)["params"]
+      >>> def loss_fn(params, x, y):
+      ...     logits = model.apply({"params": params}, x)
+      ...     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      >>> for path, spec in ek.find_blocks(loss_fn, params, x, y).items():
+      ...     print(path, "->", spec.describe())
+      layers_0 -> kronecker block 6x8 of layers_0 [dense]
+      layers_2 -> diagonal block (16 scalars) of layers_2 [scale_and_shift]
+      layers_3 -> kronecker block 9x3 of layers_3 [dense]
     """
     if _kinds.is_nnx(params):
         calls, reasons = _nnx.abstract_pass(loss_fn, params, args, kwargs)
@@ -190,6 +205,18 @@ def value_grad_and_stats(
       ValueError: at trace time, for a layer called inside ``jax.vmap`` over examples (shared
         parameters), a loss that runs no layer of the model, a layer input that does not fit
         its kind, or ``layers`` that are no blocks.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
+      >>> import ekfac_optax as ek
+      >>> conv = nn.Sequential([nn.Conv(4, kernel_size=(3,)), nn.relu])
+      >>> x = jnp.ones((2, 6, 3))  # 2 examples, 6 positions, 3 channels
+      >>> params = conv.init(jax.random.key(0), x)["params"]
+      >>> def loss_fn(params, x):
+      ...     return jnp.mean(conv.apply({"params": params}, x) ** 2)
+      >>> loss, grads, stats = ek.value_grad_and_stats(loss_fn)(params, x)
+      >>> stats["layers_0"].h.shape, stats["layers_0"].delta.shape  # (N, T, 3·3) and (N, T, 4)
+      ((2, 6, 9), (2, 6, 4))
     """
     layers = _blocks.layer_paths(layers)
 

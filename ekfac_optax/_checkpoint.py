@@ -93,6 +93,16 @@ def restore_state(directory: str | os.PathLike, like: Any) -> Any:
     Raises:
       ValueError: if the checkpoint's layers, shapes or dtypes differ from
         ``like``'s, naming the mismatching layers.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import jax.numpy as jnp
+      >>> import ekfac_optax as ek
+      >>> state = {"count": jnp.zeros((), jnp.int32), "w": jnp.ones(3)}
+      >>> directory = os.path.join(tempfile.mkdtemp(), "checkpoint")
+      >>> ek.save_state(directory, state)
+      >>> ek.restore_state(directory, state)["w"]
+      Array([1., 1., 1.], dtype=float32)
     """
     ocp = _orbax()
     directory = os.path.abspath(directory)

@@ -33,7 +33,7 @@ REPOSITORY = "ekfac-optax/ekfac_optax"  # the placeholder owner/name, see notebo
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 # What a notebook may import: it must run alone in Colab, without benchmarks/ or tests/.
 ALLOWED_IMPORTS = set(
-    "ekfac_optax flax glob importlib jax matplotlib numpy optax os sklearn time".split()
+    "ekfac_optax flax importlib jax matplotlib numpy optax os pathlib sklearn time".split()
 )
 CELL_TIMEOUT_S = 600
 
