@@ -5,6 +5,8 @@ import argparse
 import csv
 import os
 import platform
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -134,3 +136,30 @@ def kfac_jax_optimizer(
         num_burnin_steps=0,
         multi_device=False,
     )
+
+
+class Progress:
+    """A progress line on stderr for a long run of ``total`` equal units (epochs of a run, steps
+    of all runs): ``[k/total] what, elapsed, ETA`` (the ETA from the mean time of the units done
+    so far), rewritten in place; ``done()`` ends the line."""
+
+    def __init__(self, total: int, every: int = 1):
+        self.total, self.every, self.count = total, every, 0
+        self.start = time.perf_counter()
+
+    def advance(self, what: str = "") -> None:
+        self.count += 1
+        if self.count % self.every and self.count != self.total:
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.count * (self.total - self.count)
+        line = f"[{self.count}/{self.total}] {what}, {_clock(elapsed)} elapsed, ETA {_clock(eta)}"
+        print(f"\r{line[:110]:<110}", end="", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        print(file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"

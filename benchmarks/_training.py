@@ -8,7 +8,6 @@ counts its training steps only, not the evaluations at the end of each epoch.
 """
 
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -19,6 +18,7 @@ import numpy as np
 import optax
 
 import ekfac_optax as ek
+from benchmarks._common import Progress
 
 
 class Runner(NamedTuple):
@@ -274,12 +274,14 @@ def train_alternated(
       cumulative training seconds; a run whose training loss becomes NaN or Inf stops there.
     """
     first = tuple(a[:batch] for a in data)
+    compiling = Progress(len(runners))
     for label, runner in runners:  # compile everything before any clock starts
-        _progress(f"compiling {label}")
+        compiling.advance(f"compiling {label}")
         warm = jax.tree.map(lambda a: jnp.copy(a) if isinstance(a, jax.Array) else a, runner.init())
         for _ in range(2):  # the second step sees a stepped state's dtypes (no weak types)
             warm, loss = runner.step(warm, first)
         jax.block_until_ready((warm, loss))
+    compiling.done()
     states = [runner.init() for _, runner in runners]
     histories = [
         [(0, 0.0, *runner.evaluate(state))]
@@ -287,6 +289,7 @@ def train_alternated(
     ]
     rng = np.random.default_rng(seed)
     n_batches = len(data[0]) // batch
+    progress = Progress(epochs * len(runners))  # a stopped run's epochs count as done at once
     for epoch in range(1, epochs + 1):
         order = rng.permutation(len(data[0]))
         minibatches = [
@@ -294,9 +297,9 @@ def train_alternated(
         ]
         for i, (label, runner) in enumerate(runners):
             if states[i] is None:  # stopped on a NaN or Inf
+                progress.advance(f"epoch {epoch}/{epochs}, run {i + 1}: stopped")
                 continue
             history = histories[i]
-            _progress(f"epoch {epoch}/{epochs}, run {i + 1}/{len(runners)}: {label}")
             state, seconds = states[i], history[-1][1]
             for minibatch in minibatches:
                 start = time.perf_counter()
@@ -307,12 +310,9 @@ def train_alternated(
             history.append((epoch, seconds, *runner.evaluate(state)))
             if not math.isfinite(history[-1][2]):
                 states[i] = None  # free its memory
-    _progress("")
+            progress.advance(f"epoch {epoch}/{epochs}, run {i + 1}/{len(runners)}: {label}")
+    progress.done()
     return histories
-
-
-def _progress(text: str) -> None:
-    print(f"\r{text[:100]:<100}", end="" if text else "\r", file=sys.stderr, flush=True)
 
 
 # --- Figures of merit -----------------------------------------------------------------------------

@@ -55,7 +55,7 @@ import optax.contrib
 
 import ekfac_optax as ek
 from benchmarks import autoencoder, convnets, transformer
-from benchmarks._common import base_parser, machine_info
+from benchmarks._common import Progress, base_parser, machine_info
 from benchmarks.modern_lm import DecoderLM, make_loss, make_step
 
 LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # AdamW's grid, and that of every method on Adam's scale
@@ -265,14 +265,15 @@ def main(argv=None) -> dict:
             runs.append(dict(method=method, lr=lr, step=step, losses=[], seconds=0.0))
             runs[-1].update(params=problem.params, state=tx.init(problem.params))
             print(f"  compiled {method} lr {lr}", file=sys.stderr, flush=True)
+    progress = Progress(len(problem.batches), every=10)
     for k, batch in enumerate(problem.batches):  # the runs alternate step by step
         for run in runs:
             start = time.perf_counter()
             run["params"], run["state"], loss = run["step"](run["params"], run["state"], *batch)
             run["losses"].append(float(loss))  # blocks until the step is done
             run["seconds"] += time.perf_counter() - start
-        if (k + 1) % 50 == 0:
-            print(f"  step {k + 1}", file=sys.stderr, flush=True)
+        progress.advance(f"step {k + 1} of {len(runs)} runs")
+    progress.done()
     for run in runs:
         curve = running(run["losses"])
         run["final"] = float(curve[-1])

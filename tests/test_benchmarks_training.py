@@ -28,3 +28,17 @@ def test_diverged_run_stops_and_the_others_go_on():
     assert [row[2] for row in halving] == [1.0, 0.5**4, 0.5**8, 0.5**12]
     seconds = [row[1] for row in halving]
     assert seconds[0] == 0.0 and seconds == sorted(seconds)
+
+
+def test_progress_line_has_an_eta(capsys):
+    """Long runs show ``[k/total] what, elapsed, ETA`` on stderr, every ``every`` units and at
+    the last one."""
+    from benchmarks._common import Progress
+
+    progress = Progress(5, every=2)
+    for k in range(5):
+        progress.advance(f"unit {k + 1}")
+    progress.done()
+    err = capsys.readouterr().err
+    assert "[2/5] unit 2, 0m00s elapsed, ETA 0m00s" in err
+    assert "[5/5] unit 5" in err and "[3/5]" not in err and err.endswith("\n")
