@@ -8,7 +8,7 @@ outputs + temporaries - aliased; the memory the step needs on any backend, witho
 noise), against Adam's, side by side in one process. Nothing is run: each step is compiled only.
 
 Also printed: the bytes of the statistics (``h`` and ``delta`` of every block: a convolution's
-``h`` is its padded input, :class:`~ekfac_optax._patches.Patches`), which every step of ours
+``h`` is its padded input, :class:`~ekfac_optax.kinds._patches.Patches`), which every step of ours
 holds; "patches whole (before)": EKFAC and EKFAC-ra with a convolution's ``h`` captured as its
 SUA patch tensor ``N T k² c_in``, as before issue 32's patch-free statistics; and
 "EKFAC, s* projected first": EKFAC with the batch ``s*`` of every layer computed from the inputs
@@ -37,7 +37,8 @@ import ekfac_optax as ek
 from benchmarks._common import base_parser, machine_info, write_results
 from benchmarks.convnets import VGG, VGG_WIDTHS
 from benchmarks.modern_lm import peak_bytes
-from ekfac_optax import _kinds, _scalings
+from ekfac_optax.curvature import _scalings
+from ekfac_optax.kinds import _kinds
 
 FULL = dict(stages=VGG_WIDTHS["paper"], image=32, batch=128)
 QUICK = dict(stages=VGG_WIDTHS["quick"], image=8, batch=4)

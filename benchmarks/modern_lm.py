@@ -42,7 +42,7 @@ import optax
 
 import ekfac_optax as ek
 from benchmarks._common import base_parser, machine_info
-from ekfac_optax._blocks import MAX_FACTOR_DIM
+from ekfac_optax.kinds._blocks import MAX_FACTOR_DIM
 
 METHODS = ("AdamW", "EKFAC", "EKFAC-ra", "KFAC")
 LEARNING_RATE = 1e-4  # small: the timed steps stay finite; quality is not measured here

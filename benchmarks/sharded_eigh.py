@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import ekfac_optax as ek  # noqa: E402
 from benchmarks._common import base_parser, machine_info  # noqa: E402
-from ekfac_optax import _eigenbasis, _factors  # noqa: E402
+from ekfac_optax.curvature import _eigenbasis, _factors  # noqa: E402
 
 
 class MLP(nn.Module):

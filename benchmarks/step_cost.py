@@ -281,7 +281,7 @@ def methods(kfac_jax: Any) -> dict[str, tuple[int, Callable[[Problem], Runner]]]
 
 # --- Components of a step and the flop model ----------------------------------------------------
 
-COMPONENTS = (  # the stages of the library's update (ekfac_optax/_step.py), and fwd/bwd
+COMPONENTS = (  # the stages of the library's update (ekfac_optax/update/_step.py), and fwd/bwd
     "fwd/bwd",
     "capture",
     "factors",
@@ -350,12 +350,14 @@ def component_flops(problem: Problem) -> dict[str, float]:
 def component_seconds(problem: Problem, reps: int) -> dict[str, float]:
     """Measured seconds of each stage of the library's update, each jitted on its own.
 
-    The stages are the library's own functions (``ekfac_optax/_step.py``, as
+    The stages are the library's own functions (``ekfac_optax/update/_step.py``, as
     ``scale_by_ekfac``'s update calls them, at its ``HIGHEST`` matmul precision) on the
     problem's real statistics, gradients and state after one update, so that ``basis``
     decomposes the spectra of real covariances (on CPU much slower than random matrices').
     """
-    from ekfac_optax import _blocks, _scalings, _stages, _step, _validation
+    from ekfac_optax.curvature import _scalings
+    from ekfac_optax.kinds import _blocks
+    from ekfac_optax.update import _stages, _step, _validation
 
     loss_fn = softmax_loss(problem)
     grad_stats = jax.jit(ek.value_grad_and_stats(loss_fn))
@@ -532,7 +534,8 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 def stages_section(components, problems_, gflops: float, reps: int) -> list[str]:
     """The report's lines on the stages: each timed on its own, next to its flop model."""
     lines = [
-        "Each stage of the library's update (`ekfac_optax/_step.py`: the functions the update "
+        "Each stage of the library's update (`ekfac_optax/update/_step.py`: the functions the "
+        "update "
         f"calls) jitted and timed on its own (median of {reps}; the basis once on the 4096-wide "
         "MLP), with the problem's real statistics, gradients and state after one update. "
         "Model: the stage's floating-point operations (see `component_flops`) "

@@ -6,16 +6,16 @@ Gradient Descent in a Kronecker-factored Eigenbasis. NeurIPS 2018.
 
 from ekfac_optax._accumulate import MultiStepsState, multi_steps
 from ekfac_optax._alias import ekfac, kfac, kfe_adam, kfe_adamw
-from ekfac_optax._blocks import Blocks, BlockSpec, block_labels
-from ekfac_optax._capture import find_blocks, value_grad_and_stats
 from ekfac_optax._checkpoint import restore_state, save_state
 from ekfac_optax._graft import GraftState, graft
 from ekfac_optax._loss_check import check_loss
-from ekfac_optax._scalings import AdamSlot
-from ekfac_optax._stats import LayerStats
 from ekfac_optax._summary import ParameterRow, Summary, summarize, summary
 from ekfac_optax._train_state import TrainState
-from ekfac_optax._transform import (
+from ekfac_optax.capture._capture import find_blocks, value_grad_and_stats
+from ekfac_optax.capture._stats import LayerStats
+from ekfac_optax.curvature._scalings import AdamSlot
+from ekfac_optax.kinds._blocks import Blocks, BlockSpec, block_labels
+from ekfac_optax.update._transform import (
     BlockState,
     DiagonalState,
     EmbedState,

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ekfac_optax import _microbatch, _step
-from ekfac_optax._transform import ScaleByEkfacState
+from ekfac_optax.update import _microbatch, _step
+from ekfac_optax.update._transform import ScaleByEkfacState
 
 
 class MultiStepsState(NamedTuple):
@@ -22,7 +22,7 @@ class MultiStepsState(NamedTuple):
       acc_grads: the sum of the micro-batches' gradients, each times its number of examples.
       n: ``()`` int32, the examples of the micro-batches accumulated.
       pending: per preconditioner of ``inner_state`` (in the order of its leaves), the sums of
-        its micro-batches' factors and ``s*`` (``ekfac_optax._microbatch.Pending``).
+        its micro-batches' factors and ``s*`` (``ekfac_optax.update._microbatch.Pending``).
     """
 
     mini_step: jax.Array

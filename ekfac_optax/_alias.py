@@ -7,9 +7,11 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from ekfac_optax import _blocks, _docstrings, _factors, _scalings
 from ekfac_optax._graft import graft as _graft
-from ekfac_optax._transform import (
+from ekfac_optax.curvature import _factors, _scalings
+from ekfac_optax.kinds import _blocks
+from ekfac_optax.update import _docstrings
+from ekfac_optax.update._transform import (
     Fallback,
     ScalarOrSchedule,
     scale_by_ekfac,

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ekfac_optax._step import all_finite, select
+from ekfac_optax.update._step import all_finite, select
 
 
 class GraftState(NamedTuple):

@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ekfac_optax import _blocks, _probes, _validation
+from ekfac_optax.capture import _probes
+from ekfac_optax.kinds import _blocks
+from ekfac_optax.update import _validation
 
 
 def _batch_size(args: Any) -> int:

@@ -11,7 +11,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ekfac_optax import _blocks, _docstrings, _scalings, _transform
+from ekfac_optax.curvature import _scalings
+from ekfac_optax.kinds import _blocks
+from ekfac_optax.update import _docstrings, _transform
 
 
 class ParameterRow(NamedTuple):

@@ -17,7 +17,7 @@ import reference
 from helpers import assert_trees_close, init_params, normal_batch
 
 import ekfac_optax as ek
-from ekfac_optax import _microbatch
+from ekfac_optax.update import _microbatch
 
 # float64: both paths compute the same means, as sums weighted by the micro-batches' sizes
 # against one mean; they differ by round-off (~1e-16), which the eigh and the divisions by small

@@ -10,7 +10,7 @@ import pytest
 
 import ekfac_optax
 
-MODULES = [f"ekfac_optax.{m.name}" for m in pkgutil.iter_modules(ekfac_optax.__path__, prefix="")]
+MODULES = [m.name for m in pkgutil.walk_packages(ekfac_optax.__path__, prefix="ekfac_optax.")]
 
 
 @pytest.fixture

@@ -127,7 +127,7 @@ def test_kfe_adam_basis_change_reprojects_the_second_moment():
     """``nu`` after a basis change is the diagonal, in the new basis, of the old second-moment
     matrix ``(U_A ⊗ U_B) diag(nu) (U_A ⊗ U_B)ᵀ`` (dense ``np.kron``); ``mu`` is unchanged; an
     unchanged basis (up to the signs of its vectors) leaves ``nu`` exactly as it was."""
-    from ekfac_optax import _scalings
+    from ekfac_optax.curvature import _scalings
 
     rng = np.random.default_rng(0)
     a, b = 4, 3

@@ -615,7 +615,7 @@ def test_tied_embed_factors_reduce_to_each_use():
     """The tied factors' ``T A ⊗ B`` is exactly each use's own Kronecker block when the other use
     contributes nothing: the lookup's ``T diag(counts) ⊗ E[δδᵀ]`` with zero logit gradients, the
     attend's ``S diag E[g²] ⊗ E[x xᵀ]`` with zero lookup gradients (float64, round-off only)."""
-    from ekfac_optax import _factors
+    from ekfac_optax.curvature import _factors
 
     rng = np.random.default_rng(3)
     n, t, s = 4, 3, 2

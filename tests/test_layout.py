@@ -2,9 +2,10 @@
 
 The graph is read from the source (``ast``: module-level and function-level imports of
 ``ekfac_optax`` modules), so that it shows what a reader follows, not what ``import`` happens to
-have loaded. Data flow: capture (``_capture`` for linen, ``_nnx``, the shared ``_probes``,
-``_stats``) → kinds (``_kinds``, ``_patches``) → factors → eigenbasis → scalings → stages → step
-→ transform → aliases; the optimizer's modules (``_transform`` and everything it imports) never
+have loaded. Data flow, one folder per stage: ``capture/`` (``_capture`` for linen, ``_nnx``,
+the shared ``_probes``, ``_stats``) → ``kinds/`` (``_kinds``, ``_patches``, ``_blocks``) →
+``curvature/`` (factors, eigenbasis, scalings) → ``update/`` (stages, step, transform) → the
+aliases at the top; the optimizer's modules (``_transform`` and everything it imports) never
 import the capture's (``_capture``, ``_probes``, ``_nnx``): they read ``LayerStats`` from
 ``_stats``.
 """
@@ -17,19 +18,50 @@ CAPTURE = {"_capture", "_probes", "_nnx", "_loss_check"}
 
 
 def graph() -> dict[str, set[str]]:
-    """Module -> the library modules it imports (``from ekfac_optax import _x`` or
-    ``from ekfac_optax._x import ...``), anywhere in its source."""
+    """Module (file stem, unique in the package) -> the library modules it imports (``from
+    ekfac_optax.<folder> import _x``, ``from ekfac_optax.<folder>._x import ...``), anywhere in
+    its source."""
     edges = {}
-    for path in ROOT.glob("*.py"):
+    for path in ROOT.rglob("*.py"):
+        if path.name == "__init__.py" and path.parent != ROOT:
+            continue  # a folder's docstring
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                if node.module == "ekfac_optax":
-                    deps |= {alias.name for alias in node.names}
-                elif node.module.startswith("ekfac_optax."):
-                    deps.add(node.module.split(".")[1])
+                parts = node.module.split(".")
+                if parts[0] != "ekfac_optax":
+                    continue
+                if parts[-1].startswith("_"):
+                    deps.add(parts[-1])
+                else:
+                    deps |= {alias.name for alias in node.names if alias.name.startswith("_")}
         edges[path.stem] = deps - {path.stem}
     return edges
+
+
+def folder(module: str) -> str:
+    """The folder of a module: ``capture``, ``kinds``, ``curvature``, ``update`` or the top."""
+    (path,) = [p for p in ROOT.rglob(f"{module}.py")]
+    return path.parent.name if path.parent != ROOT else "top"
+
+
+# A folder imports only from folders of a lower rank (or itself): the picture's rooms stand above
+# what they use, so that the data flow reads top-down with no arrow running back up.
+RANK = {"kinds": 0, "capture": 1, "curvature": 1, "update": 2, "top": 3}
+
+
+def test_folders_follow_the_data_flow():
+    edges = graph()
+    back = sorted(
+        (module, dep)
+        for module, deps in edges.items()
+        if module != "__init__"
+        for dep in deps
+        if folder(dep) != folder(module) and RANK[folder(dep)] >= RANK[folder(module)]
+    )
+    assert not back, back
+    assert {folder(m) for m in ("_stats", "_probes", "_capture", "_nnx")} == {"capture"}
+    assert {folder(m) for m in ("_factors", "_eigenbasis", "_scalings")} == {"curvature"}
 
 
 def closure(edges, start: str) -> set[str]:

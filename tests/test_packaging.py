@@ -27,7 +27,7 @@ DISTRIBUTIONS = {"orbax": "orbax-checkpoint"}  # module -> distribution where th
 def imported_modules() -> dict[str, set[str]]:
     """Per third-party top-level module imported by the library, the files importing it."""
     found: dict[str, set[str]] = {}
-    for path in sorted((ROOT / "ekfac_optax").glob("*.py")):
+    for path in sorted((ROOT / "ekfac_optax").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]

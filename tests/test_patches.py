@@ -1,8 +1,8 @@
 """A convolution's statistics without its patch tensor (issue 32).
 
-The capture holds a convolution's ``h`` as :class:`~ekfac_optax._patches.Patches` of its padded
-input; the factors and EKFAC's batch ``s*`` materialise the patches a chunk of examples at a time.
-Checked here against references the tests compute themselves, in float64:
+The capture holds a convolution's ``h`` as :class:`~ekfac_optax.kinds._patches.Patches` of its
+padded input; the factors and EKFAC's batch ``s*`` materialise the patches a chunk of examples
+at a time. Checked here against references the tests compute themselves, in float64:
 
 - ``Patches`` stands for the patches of ``jax.lax.conv_general_dilated_patches`` (JAX's own
   patch extraction, channel-major, reordered here) for strides, dilations, paddings, extra batch
@@ -28,7 +28,8 @@ import pytest
 import reference as ref
 
 import ekfac_optax as ek
-from ekfac_optax import _patches, _scalings
+from ekfac_optax.curvature import _scalings
+from ekfac_optax.kinds import _patches
 
 RTOL = 1e-12
 F64 = jnp.float64

@@ -140,7 +140,7 @@ def test_apply_if_finite_wraps_ekfac_under_jit():
 
 def test_failed_eigh_keeps_previous_basis():
     """`safe_eigh` of a non-finite factor returns the fallback pair and ok=False."""
-    from ekfac_optax._eigenbasis import safe_eigh
+    from ekfac_optax.curvature._eigenbasis import safe_eigh
 
     fallback_vals, fallback_basis = jnp.arange(3.0), jnp.eye(3)[::-1]
     bad = jnp.eye(3).at[1, 2].set(jnp.nan)

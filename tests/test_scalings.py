@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import reference as ref
 
-from ekfac_optax import _scalings
+from ekfac_optax.curvature import _scalings
 
 RTOL = 1e-12
 

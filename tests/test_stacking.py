@@ -19,7 +19,7 @@ from helpers import assert_trees_close, init_params, normal_batch
 from jax.sharding import Mesh
 
 import ekfac_optax as ek
-from ekfac_optax import _stacking
+from ekfac_optax.update import _stacking
 
 # float64 throughout: the stacked path runs the same operations batched (a vmapped matmul, the
 # same LAPACK eigh per member); their round-off differs from the per-layer calls' at ~1e-16, which

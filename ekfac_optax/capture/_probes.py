@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from jax._src import core as jax_core
 from jax._src.interpreters import partial_eval as pe
 
-from ekfac_optax import _blocks, _kinds, _patches
-from ekfac_optax._stats import LayerStats
+from ekfac_optax.capture._stats import LayerStats
+from ekfac_optax.kinds import _blocks, _kinds, _patches
 
 PROBES = "__ekfac_probes__"  # the variable of a captured layer that holds its probes
 

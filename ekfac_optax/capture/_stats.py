@@ -13,7 +13,7 @@ class LayerStats(NamedTuple):
     Attributes:
       h: ``(*stack, N, T, d_in)`` inputs without the bias coordinate (conv:
         SUA patches, flattened in the order of the block matrix's rows, held as
-        :class:`~ekfac_optax._patches.Patches` of the padded input, which
+        :class:`~ekfac_optax.kinds._patches.Patches` of the padded input, which
         ``np.asarray`` or ``.dense()`` materialise; normalisation layers: the
         normalised input ``x̂``), or ``(N, T)`` integer token ids for an embedding.
       delta: ``(*stack, N, T, d_out)`` gradients of the per-example loss with

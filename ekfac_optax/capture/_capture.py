@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ekfac_optax import _blocks, _kinds, _nnx, _probes
-from ekfac_optax._stats import LayerStats
+from ekfac_optax.capture import _nnx, _probes
+from ekfac_optax.capture._stats import LayerStats
+from ekfac_optax.kinds import _blocks, _kinds
 
 __all__ = ["LayerStats", "find_blocks", "value_grad_and_stats"]
 

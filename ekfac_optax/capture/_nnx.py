@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ekfac_optax import _blocks, _kinds, _probes
+from ekfac_optax.capture import _probes
+from ekfac_optax.kinds import _blocks, _kinds
 
 _PATH = "_ekfac_path"  # a module's "/"-joined path, a static attribute of the copy
 _PASS = "_ekfac_pass"  # a new value per abstract pass: a jitted function inside is traced again

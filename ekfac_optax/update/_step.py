@@ -23,7 +23,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ekfac_optax import _blocks, _kinds, _scalings, _stacking, _stages
+from ekfac_optax.curvature import _scalings
+from ekfac_optax.kinds import _blocks, _kinds
+from ekfac_optax.update import _stacking, _stages
 
 
 class Batch(NamedTuple):
@@ -180,7 +182,7 @@ def guard(
     """Stage 5: whether this update's results (and ``extra``: the fallback's) are finite.
 
     What can become non-finite is checked once, and only where it shows: the preconditioned
-    updates; the new scalings (the rule's :meth:`~ekfac_optax._scalings.ScalingRule.may_overflow`
+    updates; the new scalings (the rule's :meth:`~_scalings.ScalingRule.may_overflow`
     part of its slot: a scaling that overflowed to inf gives a zero update, not a non-finite
     one); the new factors' diagonals. A factor is a mean of Gram matrices ``h hᵀ`` (the moving
     average of them), whose largest entries sit on its diagonal (``|A_ij| <= √(A_ii A_jj)``), so

@@ -11,22 +11,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ekfac_optax import _blocks
-from ekfac_optax._stats import LayerStats
-
-
-def concrete(name: str, value: Any) -> float | None:
-    """A Python, numpy or concrete-array number as a float; None for tracers and schedules."""
-    if isinstance(value, jax.core.Tracer) or (callable(value) and name == "damping"):
-        return None
-    if (
-        value is None
-        or isinstance(value, (bool, str))
-        or not jnp.issubdtype(jnp.result_type(value), jnp.number)
-        or jnp.ndim(value) != 0
-    ):
-        raise TypeError(f"{name} must be a scalar number, got {value!r}")
-    return float(value)
+from ekfac_optax.capture._stats import LayerStats
+from ekfac_optax.curvature._scalings import concrete
+from ekfac_optax.kinds import _blocks
 
 
 def check_hyperparameters(damping, basis_update_every, factor_decay, factor_update_every=1):

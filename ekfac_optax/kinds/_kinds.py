@@ -32,8 +32,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from ekfac_optax import _patches
-from ekfac_optax._blocks import BlockSpec, BlockType, curvature_dtype, vmapped
+from ekfac_optax.kinds import _patches
+from ekfac_optax.kinds._blocks import BlockSpec, BlockType, curvature_dtype, vmapped
 
 KERNEL = "kernel"
 BIAS = "bias"
@@ -238,8 +238,8 @@ class _Conv(_Kind):
         )
 
     def inputs(self, spec, module, args, kwargs):
-        """The patches as :class:`~ekfac_optax._patches.Patches` of the padded input (the groups'
-        channels on a leading axis): never materialised whole."""
+        """The patches as :class:`~ekfac_optax.kinds._patches.Patches` of the padded input (the
+        groups' channels on a leading axis): never materialised whole."""
         x = first_input(args, kwargs)
         geometry, groups = spec.layout[:2]
         extra = x.ndim - len(geometry.kernel_size) - 2  # more batch axes: positions

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ekfac_optax import _blocks
+from ekfac_optax.kinds import _blocks
 
 
 class Group(NamedTuple):

@@ -24,9 +24,23 @@ from typing import Any, ClassVar, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ekfac_optax import _patches
-from ekfac_optax._factors import debiased_ema
-from ekfac_optax._validation import concrete as concrete_number
+from ekfac_optax.curvature._factors import debiased_ema
+from ekfac_optax.kinds import _patches
+
+
+def concrete(name: str, value: Any) -> float | None:
+    """A Python, numpy or concrete-array number as a float; None for tracers and schedules."""
+    if isinstance(value, jax.core.Tracer) or (callable(value) and name == "damping"):
+        return None
+    if (
+        value is None
+        or isinstance(value, (bool, str))
+        or not jnp.issubdtype(jnp.result_type(value), jnp.number)
+        or jnp.ndim(value) != 0
+    ):
+        raise TypeError(f"{name} must be a scalar number, got {value!r}")
+    return float(value)
+
 
 DampingMode = Literal["tikhonov", "factored", "relative"]
 ScalingName = Literal["batch", "running"]  # scale_by_ekfac's rules by name
@@ -415,7 +429,7 @@ class ScalingRule:
 
 
 def _check_decay(name: str, value: Any) -> None:
-    number = concrete_number(name, value)
+    number = concrete(name, value)
     if number is not None and not 0 <= number < 1:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
 
@@ -521,7 +535,7 @@ class AdamScaling(ScalingRule):
     def check(self):
         _check_decay("b1", self.b1)
         _check_decay("b2", self.b2)
-        eps = concrete_number("eps", self.eps)
+        eps = concrete("eps", self.eps)
         if eps is not None and not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
 

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ekfac_optax import _stages, _step
+from ekfac_optax.update import _stages, _step
 
 
 class Pending(NamedTuple):
@@ -121,7 +121,7 @@ def accumulate(pending: Pending, specs, blocks, stats, config, needs_factors=Tru
 
 
 def means(total: Pending) -> dict[str, Any]:
-    """``n``, ``fresh`` and ``second_moments`` of :class:`~ekfac_optax._step.Batch`: the sums
+    """``n``, ``fresh`` and ``second_moments`` of :class:`~ekfac_optax.update._step.Batch`: the sums
     divided by the examples."""
 
     def mean(x):

@@ -5,7 +5,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from ekfac_optax import _patches
+from ekfac_optax.kinds import _patches
 
 WeightSharing = Literal["expand", "reduce"]
 
@@ -30,7 +30,7 @@ def shared(h: jax.Array, delta: jax.Array, weight_sharing: WeightSharing):
 
 def factor_a(h: jax.Array, has_bias: bool, diagonal: bool = False) -> jax.Array:
     """``A = mean_{n,t} h_aug_{n,t} h_aug_{n,t}ᵀ`` from ``(N, T, d_in)`` inputs (a convolution's
-    :class:`~ekfac_optax._patches.Patches`: materialised a chunk of examples at a time).
+    :class:`~ekfac_optax.kinds._patches.Patches`: materialised a chunk of examples at a time).
 
     With a bias, ``h_aug = [h; 1]`` and ``A = [[E[h hᵀ], E[h]], [E[h]ᵀ, 1]]``, assembled from
     ``hᵀh`` and the column sums, so that ``h_aug`` is never materialised (on CPU the concatenated

@@ -9,7 +9,7 @@
    per-example second moments.
 4. :func:`fallback`: ``g / (s + damping)`` for every parameter in no block.
 
-Each takes the block's :class:`~ekfac_optax._blocks.BlockSpec` and state and the
+Each takes the block's :class:`~ekfac_optax.kinds._blocks.BlockSpec` and state and the
 static :class:`Config`; stacked blocks (``spec.stack``: lifted copies of a layer,
 groups) are mapped over.
 """
@@ -19,7 +19,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ekfac_optax import _blocks, _eigenbasis, _factors, _patches, _scalings
+from ekfac_optax.curvature import _eigenbasis, _factors, _scalings
+from ekfac_optax.kinds import _blocks, _patches
 
 
 def _stacked(fn, spec):

@@ -26,18 +26,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from ekfac_optax import (
-    _blocks,
-    _docstrings,
-    _factors,
-    _kinds,
-    _microbatch,
-    _scalings,
-    _stacking,
-    _stages,
-    _step,
-    _validation,
-)
+from ekfac_optax.curvature import _factors, _scalings
+from ekfac_optax.kinds import _blocks, _kinds
+from ekfac_optax.update import _docstrings, _microbatch, _stacking, _stages, _step, _validation
 
 Fallback = Literal["diagonal", "identity"]
 ScalarOrSchedule = jax.typing.ArrayLike | optax.Schedule
@@ -179,7 +170,7 @@ def _scale_by_kfe(
         "damping_mode", config.damping_mode, ("tikhonov", "factored", "relative")
     )
     if config.damping_mode == "relative":
-        value = _validation.concrete("damping", damping)
+        value = _scalings.concrete("damping", damping)
         if value is not None and not value > 0:
             raise ValueError(
                 "damping must be > 0 with damping_mode='relative' (a fraction of each block's "
