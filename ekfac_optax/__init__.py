@@ -15,15 +15,8 @@ from ekfac_optax.capture._capture import find_blocks, value_grad_and_stats
 from ekfac_optax.capture._stats import LayerStats
 from ekfac_optax.curvature._scalings import AdamSlot
 from ekfac_optax.kinds._blocks import Blocks, BlockSpec, block_labels
-from ekfac_optax.update._transform import (
-    BlockState,
-    DiagonalState,
-    EmbedState,
-    ScaleByEkfacState,
-    scale_by_ekfac,
-    scale_by_kfac,
-    scale_by_kfe_adam,
-)
+from ekfac_optax.update._state import BlockState, DiagonalState, EmbedState, ScaleByEkfacState
+from ekfac_optax.update._transform import scale_by_ekfac, scale_by_kfac, scale_by_kfe_adam
 
 __all__ = [
     "AdamSlot",

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from ekfac_optax.update import _microbatch, _step
-from ekfac_optax.update._transform import ScaleByEkfacState
+from ekfac_optax.update._state import ScaleByEkfacState
 
 
 class MultiStepsState(NamedTuple):

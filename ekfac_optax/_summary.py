@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from ekfac_optax.curvature import _scalings
 from ekfac_optax.kinds import _blocks
-from ekfac_optax.update import _docstrings, _transform
+from ekfac_optax.update import _docstrings, _state, _transform
 
 
 class ParameterRow(NamedTuple):
@@ -136,7 +136,7 @@ def summary(
 
 def _preconditioner_state(state: Any) -> Any:
     """The first :class:`ScaleByEkfacState` in an optimizer's state, or a TypeError."""
-    is_ours = lambda x: isinstance(x, _transform.ScaleByEkfacState)  # noqa: E731
+    is_ours = lambda x: isinstance(x, _state.ScaleByEkfacState)  # noqa: E731
     for node in jax.tree.leaves(state, is_leaf=is_ours):
         if is_ours(node):
             return node
