@@ -90,6 +90,8 @@ def test_patches_stand_for_jax_patches(case):
     assert h.shape == expected.shape and h.ndim == 3 and h.dtype == F64
     np.testing.assert_array_equal(np.asarray(h), expected)
     np.testing.assert_array_equal(h.dense(), expected)
+    np.testing.assert_array_equal(h[0], expected[0])  # indexing: of the dense patches
+    np.testing.assert_array_equal(h[1:, :2], expected[1:, :2])
     # A 3x3 kernel with unit strides: the padded input is 9x smaller than its patches, less the
     # padding's share (these tiny inputs: over 4x).
     if conv[0] == (3, 3) and conv[1] == (1, 1):

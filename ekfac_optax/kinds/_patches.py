@@ -199,8 +199,8 @@ class Patches:
     positions.
 
     It has the ``shape``, ``ndim`` and ``dtype`` of the patches it stands for; ``dense()`` (or
-    ``np.asarray``) materialises them; :func:`moments` computes ``E[h hᵀ]`` and ``E[h]`` chunk
-    by chunk of examples. As a pytree its one leaf is the padded input, so ``vmap``, ``scan``
+    ``np.asarray``) materialises them, and indexing (``h[0]``) indexes them; :func:`moments`
+    computes ``E[h hᵀ]`` and ``E[h]`` chunk by chunk of examples. As a pytree its one leaf is the padded input, so ``vmap``, ``scan``
     and ``jax.tree.map`` over leading axes (stacked blocks, examples) give ``Patches`` again.
 
     Attributes:
@@ -255,6 +255,10 @@ class Patches:
         axes = tuple(range(lead, self.padded.ndim - 1))  # the extra and spatial axes
         means = [jnp.mean(part, axis=axes) for part in _slices(self.geometry, self.padded)]
         return jnp.concatenate(means, axis=-1)[..., None, :]
+
+    def __getitem__(self, index) -> jax.Array:
+        """An index of the patches, as of the dense array (``h[0]``: example 0's ``(T, d)``)."""
+        return self.dense()[index]
 
     def __array__(self, dtype=None, copy=None):
         out = np.asarray(self.dense())
