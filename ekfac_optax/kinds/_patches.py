@@ -200,8 +200,9 @@ class Patches:
 
     It has the ``shape``, ``ndim`` and ``dtype`` of the patches it stands for; ``dense()`` (or
     ``np.asarray``) materialises them, and indexing (``h[0]``) indexes them; :func:`moments`
-    computes ``E[h hᵀ]`` and ``E[h]`` chunk by chunk of examples. As a pytree its one leaf is the padded input, so ``vmap``, ``scan``
-    and ``jax.tree.map`` over leading axes (stacked blocks, examples) give ``Patches`` again.
+    computes ``E[h hᵀ]`` and ``E[h]`` chunk by chunk of examples. As a pytree its one leaf is
+    the padded input, so ``vmap``, ``scan`` and ``jax.tree.map`` over leading axes (stacked
+    blocks, examples) give ``Patches`` again.
 
     Attributes:
       padded: the :func:`pad`-ded input.
