@@ -37,7 +37,10 @@ def factor_a(h: jax.Array, has_bias: bool, diagonal: bool = False) -> jax.Array:
     operand makes the matmul about 1.3x slower). With ``diagonal``, only ``diag(A)``, a
     ``(d_in_aug,)`` vector (a side above the preconditioner's ``max_factor_dim``).
     """
-    second, mean = _patches.moments(h, diagonal)
+    if isinstance(h, _patches.Patches):
+        second, mean = _patches.moments(h, diagonal)
+    else:  # the same second moment as B's, of the inputs
+        second, mean = factor_b(h, diagonal), jnp.mean(h, axis=(0, 1))
     if not has_bias:
         return second
     if diagonal:

@@ -292,15 +292,11 @@ def chunked(h: Any, *others: Any) -> tuple[Any, ...]:
     return jax.tree.map(lambda x: x.reshape(n // size, size, *x.shape[1:]), (h, *others))
 
 
-def moments(h: Any, diagonal: bool = False) -> tuple[jax.Array, jax.Array]:
-    """``(E[h hᵀ], E[h])`` over the ``(N, T)`` leading axes of ``h`` (``diagonal``: ``E[h²]``
-    instead of ``E[h hᵀ]``). :class:`Patches` are materialised a chunk of examples at a time, at
-    most :data:`CHUNK_BYTES` (one example at least), in a ``lax.scan``."""
+def moments(h: Patches, diagonal: bool = False) -> tuple[jax.Array, jax.Array]:
+    """``(E[h hᵀ], E[h])`` over the ``(N, T)`` leading axes of the patches ``h`` (``diagonal``:
+    ``E[h²]`` instead of ``E[h hᵀ]``), materialised a chunk of examples at a time, at most
+    :data:`CHUNK_BYTES` (one example at least), in a ``lax.scan``."""
     n, t, d = h.shape
-    if not isinstance(h, Patches):
-        flat = h.reshape(n * t, d)
-        second = jnp.mean(flat * flat, axis=0) if diagonal else flat.T @ flat / (n * t)
-        return second, jnp.mean(flat, axis=0)
 
     def add(total, chunk):
         flat = chunk.dense().reshape(-1, d)
