@@ -339,8 +339,6 @@ class Context(NamedTuple):
       grad_kfe: the incoming update in the KFE, ``U_Aᵀ g U_B`` (a diagonal block: ``g``).
       batch: ``() -> s*``: this batch's per-example second moments in the KFE (a diagonal
         block: of its exact per-example gradients).
-      kfac: ``() -> T S_A ⊗ S_B``: KFAC's eigenvalues at the last basis update (Kronecker and
-        embedding blocks only).
       n: the batch size ``N``.
       count: the number of updates applied before this one.
       grad: the incoming update in the block's own coordinates.
@@ -349,7 +347,6 @@ class Context(NamedTuple):
 
     grad_kfe: jax.Array
     batch: Callable[[], jax.Array]
-    kfac: Callable[[], jax.Array] | None
     n: int
     count: jax.Array
     grad: jax.Array
@@ -438,7 +435,11 @@ def _check_decay(name: str, value: Any) -> None:
 class KfacScaling(ScalingRule):
     """KFAC: ``s = T S_A ⊗ S_B``, the eigenvalues of ``T A ⊗ B``; a diagonal block and the
     fallback average their second moments with ``factor_decay`` (as kfac-jax's scale-and-shift
-    blocks)."""
+    blocks).
+
+    ``s`` changes only with the basis: the slot is set at each basis change (:meth:`restart`)
+    and read as it is between them, so that a step neither recomputes nor rewrites an ``(a, b)``
+    array (nor has the guard check and select it)."""
 
     factor_decay: Any = 0.95
     name = "kfac"
@@ -448,7 +449,7 @@ class KfacScaling(ScalingRule):
         _check_decay("factor_decay", self.factor_decay)
 
     def kfe(self, s, context):
-        return context.kfac()
+        return s  # T S_A ⊗ S_B, set by `restart` at the last basis change
 
     def diagonal(self, s, context):
         return debiased_ema(s, context.batch(), self.factor_decay, context.count)

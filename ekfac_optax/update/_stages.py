@@ -136,9 +136,6 @@ def _kfe_step(block, grad, basis_a, batch, n, count, damping, positions, config:
     def to_kfe(matrix):
         return _eigenbasis.to_eigenbasis(matrix, basis_a, block.basis_b)
 
-    def kfac():
-        return _scalings.kfac_scalings(block.eigvals_a, block.eigvals_b, positions)
-
     def divide(scalings):
         denominator = _scalings.damped(
             scalings, damping, block.eigvals_a, block.eigvals_b, positions, config.damping_mode
@@ -146,7 +143,7 @@ def _kfe_step(block, grad, basis_a, batch, n, count, damping, positions, config:
         return _scalings.divide(grad_kfe, denominator, damping)
 
     grad_kfe = to_kfe(grad)
-    context = _scalings.Context(grad_kfe, batch, kfac, n, count, grad, to_kfe)
+    context = _scalings.Context(grad_kfe, batch, n, count, grad, to_kfe)
     return config.rule.step(block.scalings, context, divide)
 
 
@@ -222,7 +219,7 @@ def precondition(
 
         def one_diagonal(slot, grad, h, delta, accumulated):
             batch = batch_of(None, None, h, delta, accumulated)
-            context = _scalings.Context(grad, batch, None, n, count, grad, _scalings._identity)
+            context = _scalings.Context(grad, batch, n, count, grad, _scalings._identity)
             return config.rule.diagonal_step(slot, context, damping, config.damping_mode)
 
         update, slot = _stacked(one_diagonal, spec)(block.scalings, grad, h, delta, accumulated)

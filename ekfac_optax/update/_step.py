@@ -215,19 +215,34 @@ def guard(
 
 
 def all_finite(tree: Any) -> jax.Array:
-    """Whether every number in ``tree`` is finite, as a ``()`` bool."""
-    leaves = jax.tree.leaves(tree)
+    """Whether every number in ``tree`` is finite, as a ``()`` bool.
+
+    One fused reduction per array, ``isfinite(Σ_arrays Σ x)`` (summed in at least float32): a
+    NaN or an infinity makes the total NaN or infinite (``inf - inf`` is NaN), so nothing
+    non-finite passes. A 1024-wide MLP's checks took 2.8x the time of a sum with
+    ``all(isfinite(x))``, whose boolean array XLA writes out before reducing it. The price: an
+    array of finite numbers whose sum overflows (float32: ``Σ|x| > 3.4e38``, entries around
+    ``1e32`` in a million) counts as non-finite, a step no one wants applied either.
+    """
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
     if not leaves:
         return jnp.asarray(True)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    dtype = jnp.result_type(jnp.float32, *leaves)
+    return jnp.isfinite(sum(jnp.sum(x, dtype=dtype) for x in leaves))
 
 
 def select(finite: jax.Array, applied: Any, rejected: Any) -> Any:
-    """``applied`` if ``finite`` else ``rejected`` (trees of one structure), by one ``lax.cond``.
+    """``applied`` if ``finite`` else ``rejected`` (trees of one structure): one ``jnp.where`` per
+    array, on ``finite`` computed once.
 
-    Not a ``jnp.where`` per array: XLA fuses the whole chain of per-array checks behind
-    ``finite`` into each array's select, a program (and a compile time) growing with arrays
-    times checks, the square of a model's depth (measured on a 6-block LM's update: 45,000
-    ``and`` operations, most of its program).
+    Not ``lax.cond(finite, lambda: applied, lambda: rejected)``: XLA copies a branch's operands
+    into the conditional's results, a pass over every array of the new state on every step
+    (measured: 16% of a 1024-wide MLP's EKFAC-ra and KFAC step at batch 128). ``finite`` itself
+    comes out of a trivial ``lax.cond``, which XLA does not fuse into its users: otherwise it
+    fuses the chain of checks behind ``finite`` into each array's select, a program (and a
+    compile time) growing with arrays times checks (a 2-block LM's step compiled in 4.4 s
+    instead of 3.0, a 12-block one's in 118 s instead of 11; ``lax.optimization_barrier`` did
+    not stop it).
     """
-    return jax.lax.cond(finite, lambda: applied, lambda: rejected)
+    finite = jax.lax.cond(finite, lambda: jnp.asarray(True), lambda: jnp.asarray(False))
+    return jax.tree.map(lambda a, r: jnp.where(finite, a, r), applied, rejected)
