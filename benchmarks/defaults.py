@@ -17,8 +17,10 @@ Issue 30's §4 on several models, one per ``--problem``:
 
 Every method runs a small learning-rate grid with its defaults (``optax.contrib.muon``: Muon on
 the 2-D weights, Adam on the rest; KFE-Adam ``b1=0.9``,
-``b2=0.999``, ``eps=1e-8``; EKFAC-ra ``damping_mode="relative"``, ``damping=0.1``; basis every
-20 steps; the grafted ones ``ek.graft(optax.scale_by_adam(), ...)`` with AdamW's weight decay
+``b2=0.999``, ``eps=1e-8``; EKFAC-ra ``damping_mode="relative"``, ``damping=0.1``; "norm 1e-3":
+``norm_constraint=1e-3`` (``ek.clip_by_fisher_norm``: each step's squared norm in the
+preconditioner's curvature at most 1e-3, Ba et al.'s KL clipping); basis every 20 steps; the
+grafted ones ``ek.graft(optax.scale_by_adam(), ...)`` with AdamW's weight decay
 1e-4, so that their learning rate is Adam's), the runs of all methods alternating step by step in
 one process (so that the machine's noise spreads over all of them); each run sees the same
 batches from the same initial parameters.
@@ -62,6 +64,7 @@ LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # AdamW's grid, and that of every method o
 WEIGHT_DECAY = 1e-4  # optax.adamw's default, also given to the grafted methods
 WINDOW = 10  # steps of the running mean
 STEPS_GOAL = 0.6  # issue 30: AdamW's best final loss in <= 0.6x its steps
+NORM = 1e-3  # norm_constraint (ek.clip_by_fisher_norm): Ba et al.'s KL-clipping bound
 
 
 def grafted(direction: Callable) -> Callable:
@@ -95,6 +98,22 @@ METHODS = {
             lr, blocks=blocks, scaling="running", damping=0.1, damping_mode="relative"
         ),
     ),
+    "EKFAC-ra (relative 0.1, norm 1e-3)": (
+        LRS,
+        lambda lr, blocks: ek.ekfac(
+            lr,
+            blocks=blocks,
+            scaling="running",
+            damping=0.1,
+            damping_mode="relative",
+            norm_constraint=NORM,
+        ),
+    ),
+    "EKFAC (norm 1e-3)": (
+        LRS,
+        lambda lr, blocks: ek.ekfac(lr, blocks=blocks, norm_constraint=NORM),
+    ),
+    "KFAC (norm 1e-3)": (LRS, lambda lr, blocks: ek.kfac(lr, blocks=blocks, norm_constraint=NORM)),
     "Adam-grafted EKFAC-ra (relative 0.1)": (LRS, grafted(relative_ekfac_ra)),
     "Adam-grafted EKFAC (batch)": (LRS, grafted(lambda blocks: ek.scale_by_ekfac(blocks=blocks))),
     "Adam-grafted KFAC": (LRS, grafted(lambda blocks: ek.scale_by_kfac(blocks=blocks))),

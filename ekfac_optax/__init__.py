@@ -9,6 +9,7 @@ from ekfac_optax._alias import ekfac, kfac, kfe_adam, kfe_adamw
 from ekfac_optax._checkpoint import restore_state, save_state
 from ekfac_optax._graft import GraftState, graft
 from ekfac_optax._loss_check import check_loss
+from ekfac_optax._norm_constraint import ClipByFisherNormState, clip_by_fisher_norm
 from ekfac_optax._summary import ParameterRow, Summary, summarize, summary
 from ekfac_optax._train_state import TrainState
 from ekfac_optax.capture._capture import find_blocks, value_grad_and_stats
@@ -23,6 +24,7 @@ __all__ = [
     "Blocks",
     "BlockSpec",
     "BlockState",
+    "ClipByFisherNormState",
     "DiagonalState",
     "EmbedState",
     "GraftState",
@@ -34,6 +36,7 @@ __all__ = [
     "TrainState",
     "block_labels",
     "check_loss",
+    "clip_by_fisher_norm",
     "ekfac",
     "find_blocks",
     "graft",

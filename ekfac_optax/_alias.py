@@ -8,6 +8,7 @@ import optax
 from jax.sharding import Mesh
 
 from ekfac_optax._graft import graft as _graft
+from ekfac_optax._norm_constraint import clip_by_fisher_norm
 from ekfac_optax.curvature import _factors, _scalings
 from ekfac_optax.kinds import _blocks
 from ekfac_optax.update import _docstrings
@@ -38,6 +39,7 @@ def ekfac(
     max_factor_dim: int | None = None,
     stack_blocks: bool = False,
     graft: optax.GradientTransformation | None = None,
+    norm_constraint: jax.typing.ArrayLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """EKFAC: :func:`scale_by_ekfac` then ``optax.scale_by_learning_rate``.
 
@@ -47,6 +49,9 @@ def ekfac(
       graft: a transformation whose per-parameter update norms EKFAC's directions take
         (:func:`graft`), e.g. ``optax.scale_by_adam()``: the learning rate is then on that
         transformation's scale. ``None`` (default): EKFAC's own norms.
+      norm_constraint: bound each step's squared norm in EKFAC's curvature, ``η² gᵀF̂⁻¹g``, by
+        this (:func:`clip_by_fisher_norm`; kfac-jax's ``norm_constraint``), e.g. ``1e-3``; not
+        with ``graft``. ``None`` (default): unbounded.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` to ``update``.
@@ -91,6 +96,7 @@ def ekfac(
         ),
         graft,
         learning_rate,
+        norm_constraint,
     )
 
 
@@ -110,6 +116,7 @@ def kfac(
     max_factor_dim: int | None = None,
     stack_blocks: bool = False,
     graft: optax.GradientTransformation | None = None,
+    norm_constraint: jax.typing.ArrayLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """KFAC: :func:`scale_by_kfac` then ``optax.scale_by_learning_rate``.
 
@@ -118,6 +125,9 @@ def kfac(
       {inherited arguments}
       graft: a transformation whose per-parameter update norms KFAC's directions take
         (:func:`graft`), e.g. ``optax.scale_by_adam()``. ``None`` (default): KFAC's own norms.
+      norm_constraint: bound each step's squared norm in KFAC's curvature, ``η² gᵀF̂⁻¹g``, by
+        this (:func:`clip_by_fisher_norm`; kfac-jax's ``norm_constraint``), e.g. ``1e-3``; not
+        with ``graft``. ``None`` (default): unbounded.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; pass ``stats=`` to ``update``.
@@ -150,6 +160,7 @@ def kfac(
         ),
         graft,
         learning_rate,
+        norm_constraint,
     )
 
 
@@ -157,10 +168,19 @@ def _scaled(
     direction: optax.GradientTransformation,
     graft: optax.GradientTransformation | None,
     learning_rate: optax.ScalarOrSchedule,
+    norm_constraint: jax.typing.ArrayLike | None,
 ) -> optax.GradientTransformationExtraArgs:
-    """``direction`` (grafted onto ``graft``'s norms if given), then the learning rate."""
+    """``direction`` (grafted onto ``graft``'s norms, or its steps' curvature norm bounded by
+    ``norm_constraint``, if given), then the learning rate."""
+    if graft is not None and norm_constraint is not None:
+        raise ValueError(
+            "graft and norm_constraint exclude each other: graft sets each parameter's update "
+            "norm to its transformation's, norm_constraint bounds the preconditioner's own step"
+        )
     if graft is not None:
         direction = _graft(graft, direction)
+    if norm_constraint is not None:
+        direction = clip_by_fisher_norm(direction, learning_rate, norm_constraint)
     return optax.chain(direction, optax.scale_by_learning_rate(learning_rate))
 
 
