@@ -38,3 +38,13 @@ def test_the_other_problems_run(tmp_path, problem):
 def test_an_unknown_method_is_an_error(tmp_path):
     with pytest.raises(SystemExit):
         defaults.main(["--quick", "--methods", "Adagrad", "--out", str(tmp_path)])
+
+
+def test_method_names_with_commas_are_split_by_known_names():
+    """``--methods`` is a comma list, and some names hold a comma themselves."""
+    clipped = "EKFAC-ra (relative 0.1, norm 1e-3)"
+    assert clipped in defaults.METHODS
+    assert defaults.split_methods(f"muon,{clipped},KFE-Adam") == ["muon", clipped, "KFE-Adam"]
+    assert defaults.split_methods(clipped) == [clipped]
+    # An unknown name is kept as it is, for parse_args to refuse.
+    assert defaults.split_methods("Adagrad,muon") == ["Adagrad", "muon"]
