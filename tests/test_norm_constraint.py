@@ -26,23 +26,20 @@ RTOL = 1e-8  # norm-wise; see the module docstring
 PROBLEM = ref.PROBLEMS["mlp"]
 
 
+def reference_matrix(layer: ref.LayerReference, method: str) -> np.ndarray:
+    """The dense damped curvature ``M`` of one layer (one-batch factors, Tikhonov damping)."""
+    if method == "ekfac":
+        return ref.ekfac_matrix(
+            layer.per_example, layer.factor_a, layer.factor_b, layer.positions, DAMPING, "tikhonov"
+        )
+    return ref.kfac_matrix(layer.factor_a, layer.factor_b, layer.positions, DAMPING, "tikhonov")
+
+
 def reference_direction(method: str) -> dict[str, np.ndarray]:
-    """``M⁻¹ g`` per layer on the problem's batch (one-batch factors, Tikhonov damping)."""
+    """``M⁻¹ g`` per layer on the problem's batch."""
     out = {}
     for path, layer in PROBLEM.layers.items():
-        if method == "ekfac":
-            matrix = ref.ekfac_matrix(
-                layer.per_example,
-                layer.factor_a,
-                layer.factor_b,
-                layer.positions,
-                DAMPING,
-                "tikhonov",
-            )
-        else:
-            matrix = ref.kfac_matrix(
-                layer.factor_a, layer.factor_b, layer.positions, DAMPING, "tikhonov"
-            )
+        matrix = reference_matrix(layer, method)
         assert np.linalg.cond(matrix) < 1e5
         out[path] = ref.solve(matrix, layer.grad)
     return out
@@ -78,14 +75,7 @@ def test_norm_constraint_scales_the_dense_reference_step_to_the_bound(method, le
     for path, u in direction.items():
         expected = -eta * np.sqrt(bound / sq_norm) * u
         assert ref.relative_error(clipped[path], expected) < RTOL, path
-    matrices = {
-        p: ref.ekfac_matrix(
-            layer.per_example, layer.factor_a, layer.factor_b, layer.positions, DAMPING, "tikhonov"
-        )
-        if method == "ekfac"
-        else ref.kfac_matrix(layer.factor_a, layer.factor_b, layer.positions, DAMPING, "tikhonov")
-        for p, layer in PROBLEM.layers.items()
-    }
+    matrices = {p: reference_matrix(layer, method) for p, layer in PROBLEM.layers.items()}
     step_norm = sum(clipped[p].ravel() @ m @ clipped[p].ravel() for p, m in matrices.items())
     np.testing.assert_allclose(step_norm, bound, rtol=RTOL)
     unclipped = first_update(alias, learning_rate, norm_constraint=4 * sq_norm)
