@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from ekfac_optax.curvature import _scalings
 from ekfac_optax.kinds import _blocks
-from ekfac_optax.update import _docstrings, _state, _transform
+from ekfac_optax.update import _docstrings, _stacking, _state, _transform
 
 
 class ParameterRow(NamedTuple):
@@ -117,6 +117,7 @@ def summary(
         "identity": "identity (fallback='identity': not preconditioned, {})",
     }[fallback]
     reasons = getattr(blocks, "reasons", {})
+    block_bytes = _block_bytes(state.blocks, capped)
     rows, seen = [], set()
     for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
         layer, name = _blocks.leaf_location(key_path)
@@ -124,7 +125,7 @@ def summary(
         spec = capped.get(layer)
         if spec is not None and name in spec.names:
             how = spec.describe()
-            state_bytes = 0 if layer in seen else _bytes(state.blocks[layer])
+            state_bytes = 0 if layer in seen else block_bytes[layer]
             seen.add(layer)
         else:
             why = f"no block: {reasons[layer]}" if layer in reasons else "in no block"
@@ -132,6 +133,19 @@ def summary(
         shape = tuple(jnp.shape(leaf))
         rows.append(ParameterRow(path, shape, how, _bytes(leaf), state_bytes))
     return Summary(tuple(rows), _bytes(params), _bytes(whole))
+
+
+def _block_bytes(entries: dict[str, Any], blocks: dict[str, Any]) -> dict[str, int]:
+    """The state bytes of each block: its entry's, or its share of its group's stacked entry
+    (``stack_blocks=True``: same-shaped blocks, equal shares)."""
+    groups = {path: _stacking.Group(spec, (path,)) for path, spec in blocks.items()}
+    if set(entries) != set(blocks):
+        groups = _stacking.plan(blocks)
+    return {
+        member: _bytes(entries[key]) // len(g.members)
+        for key, g in groups.items()
+        for member in g.members
+    }
 
 
 def _preconditioner_state(state: Any) -> Any:

@@ -19,6 +19,7 @@ from helpers import assert_trees_close, init_params, normal_batch
 from jax.sharding import Mesh
 
 import ekfac_optax as ek
+from ekfac_optax.kinds import _blocks
 from ekfac_optax.update import _stacking
 
 # float64 throughout: the stacked path runs the same operations batched (a vmapped matmul, the
@@ -115,7 +116,11 @@ def test_stacked_updates_equal_per_layer_updates(model, method):
     reference = _run(loss_fn, params, batches, _make(method, blocks))
     for step, (u, r) in enumerate(zip(stacked[0], reference[0], strict=True)):
         assert_trees_close(u, r, f"step {step}", rtol=RTOL)
-    assert_trees_close(stacked[1].blocks, reference[1].blocks, "state", rtol=RTOL)
+    # The state stores each group as one stacked entry: its members' slices are their states.
+    stored = _stacking.plan(_blocks.with_cap(blocks, None))
+    assert set(stacked[1].blocks) == set(stored) != set(reference[1].blocks)
+    per_layer = _stacking.unstack(stored, stacked[1].blocks)
+    assert_trees_close(per_layer, reference[1].blocks, "state", rtol=RTOL)
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (host) devices")
@@ -161,6 +166,35 @@ def test_what_is_grouped():
         ("head",),
         ("stem",),
     ]
+
+
+def test_a_stored_group_whose_statistics_differ_is_split_for_them():
+    """The state groups blocks by their specs; the strided convolution's block equals the
+    others' (27 x 3) and is stored with them, but its statistics have other positions, so an
+    update processes it apart (``test_stacked_updates_equal_per_layer_updates[cnn]``: equal)."""
+    loss_fn, params, batches = _setup("cnn")
+    blocks = ek.find_blocks(loss_fn, params, *batches[0])
+    stored = sorted(g.members for g in _stacking.plan(blocks).values())
+    assert ("conv_0", "conv_1", "conv_2", "down") in stored
+    assert ("conv_0", "conv_1", "conv_2") in _groups(loss_fn, params, batches[0])
+
+
+def test_regroup_moves_members_between_groupings_and_back():
+    """Members interleaved across groups (a gather, a slice, a group of one) come out in the
+    target's order, and back; a group found in both is passed on as it is."""
+    loss_fn, params, batches = _setup("mlp")
+    spec = next(iter(ek.find_blocks(loss_fn, params, *batches[0]).values()))
+    group = lambda *m: _stacking.Group(spec, m)  # noqa: E731 (the spec is not read)
+    source = {"a": group("a", "b", "c", "d"), "e": group("e")}
+    target = {"a": group("a", "c", "e"), "b": group("b", "d")}
+    values = {"a": {"x": jnp.arange(4.0)}, "e": {"x": jnp.asarray(4.0)}}
+    moved = _stacking.regroup(source, target, values)
+    np.testing.assert_array_equal(moved["a"]["x"], [0.0, 2.0, 4.0])
+    np.testing.assert_array_equal(moved["b"]["x"], [1.0, 3.0])
+    back = _stacking.regroup(target, source, moved)
+    np.testing.assert_array_equal(back["a"]["x"], values["a"]["x"])
+    np.testing.assert_array_equal(back["e"]["x"], values["e"]["x"])
+    assert _stacking.regroup(source, source, values)["a"] is values["a"]
 
 
 def test_blocks_that_differ_in_an_option_are_never_grouped():
@@ -214,12 +248,46 @@ def test_stack_blocks_is_a_static_bool_also_through_the_aliases_and_inject_hyper
     injected = optax.inject_hyperparams(ek.ekfac, static_args=("stack_blocks",))(
         0.1, blocks=blocks, stack_blocks=True, basis_update_every=EVERY
     )
-    # The state's layout does not depend on the grouping: a checkpoint of either restores into
-    # the other.
-    per_layer_state = ek.ekfac(0.1, blocks=blocks).init(params)
-    assert jax.tree.structure(alias.init(params)) == jax.tree.structure(per_layer_state)
     chained = optax.chain(_make("ekfac", blocks, stack_blocks=True), optax.scale(-0.1))
     outs = [_run(loss_fn, params, batches[:2], tx)[0] for tx in (alias, injected, chained)]
     for out in outs[1:]:
         for u, r in zip(out, outs[0], strict=True):
             assert_trees_close(u, r, rtol=1e-12)  # the same computation: equal to round-off
+
+
+def test_a_state_of_the_other_layout_fails_naming_stack_blocks():
+    """A checkpoint of a per-layer state does not restore into a stacked optimizer, nor the
+    other way round: the error says which ``stack_blocks`` made it."""
+    loss_fn, params, batches = _setup("mlp")
+    blocks = ek.find_blocks(loss_fn, params, *batches[0])
+    _, grads, stats = ek.value_grad_and_stats(loss_fn)(params, *batches[0])
+    stacked, per_layer = _make("ekfac", blocks, stack_blocks=True), _make("ekfac", blocks)
+    with pytest.raises(ValueError, match="one entry per layer.*stack_blocks=False made it"):
+        stacked.update(grads, per_layer.init(params), params, stats=stats)
+    with pytest.raises(ValueError, match="lacks some layers.*stack_blocks=True"):
+        per_layer.update(grads, stacked.init(params), params, stats=stats)
+
+
+def test_micro_batches_of_a_stacked_state_equal_the_per_layer_ones():
+    """``ek.multi_steps`` keeps its sums per layer, reading the stacked state's members;
+    the stacked accumulated steps equal the per-layer ones (which ``test_accumulate.py`` tests
+    against one big batch)."""
+    loss_fn, params, batches = _setup("mlp")
+    blocks = ek.find_blocks(loss_fn, params, *batches[0])
+    outs = []
+    for stack_blocks in (True, False):
+        tx = ek.multi_steps(_make("ekfac_ra", blocks, stack_blocks=stack_blocks), 2)
+        micro = [(x[a : a + 4], y[a : a + 4]) for x, y in batches[:3] for a in (0, 4)]
+        outs.append(_run(loss_fn, params, micro, tx)[0])
+    for step, (u, r) in enumerate(zip(*outs, strict=True)):
+        assert_trees_close(u, r, f"micro-step {step}", rtol=RTOL)
+
+
+def test_summary_of_a_stacked_state_gives_each_member_its_share():
+    """A group's stacked entry holds its members' equal states: each gets its share, the same
+    bytes as the per-layer state's."""
+    loss_fn, params, batches = _setup("mlp")
+    blocks = ek.find_blocks(loss_fn, params, *batches[0])
+    stacked = ek.summary(params, blocks, tx=_make("ekfac", blocks, stack_blocks=True))
+    per_layer = ek.summary(params, blocks, tx=_make("ekfac", blocks))
+    assert stacked == per_layer

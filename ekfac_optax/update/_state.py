@@ -82,7 +82,9 @@ class ScaleByEkfacState(NamedTuple):
       count: ``()`` int32, number of updates applied so far (skipped ones excluded).
       skipped: ``()`` int32, number of updates skipped for non-finite numbers.
       blocks: one :class:`BlockState`, :class:`EmbedState` or :class:`DiagonalState`
-        per block, keyed by module path.
+        per block, keyed by module path; with ``stack_blocks=True``, one per group of
+        same-shaped blocks, keyed by its first member's path, the members' states stacked
+        along a new leading axis in the order of the blocks.
       fallback: with ``fallback="diagonal"``, the diagonal ``s`` of each parameter in no
         block (its shape; KFE-Adam: an :class:`AdamSlot`), keyed by its ``/``-joined parameter
         path; else empty.

@@ -84,6 +84,7 @@ def _scale_by_kfe(
             )
     _validation.check_choice("weight_sharing", config.weight_sharing, ("expand", "reduce"))
     _validation.check_choice("fallback", fallback, ("diagonal", "identity"))
+    stored = _stacking.plan(blocks, stack_blocks)  # the state's entries: groups of blocks
 
     def init_fn(params):
         params = _blocks.as_arrays(params)  # nnx.Optimizer passes nnx.Param variables
@@ -93,7 +94,7 @@ def _scale_by_kfe(
         return ScaleByEkfacState(
             count=jnp.zeros([], jnp.int32),
             skipped=jnp.zeros([], jnp.int32),
-            blocks={path: _state.init_block(spec, config.rule) for path, spec in blocks.items()},
+            blocks={key: _state.init_block(g.spec, config.rule) for key, g in stored.items()},
             fallback={
                 path: config.rule.init(
                     jnp.shape(leaf), _blocks.curvature_dtype(jnp.result_type(leaf))
@@ -144,15 +145,16 @@ def _scale_by_kfe(
     def _accumulating(updates, accumulating, stage):
         """A stage of an accumulated step (``_microbatch``, driven by ``multi_steps``)."""
         state, pending = accumulating
-        specs = _validation.check_update(_blocks.as_arrays(updates), state, blocks)
+        specs = _validation.check_update(_blocks.as_arrays(updates), state, blocks, stored)
+        layers = _stacking.unstack(stored, state.blocks)  # the sums are kept per layer
         if isinstance(stage, _microbatch.Allocate):
-            zeros = _microbatch.zeros(specs, state.blocks, config.rule)
+            zeros = _microbatch.zeros(specs, layers, config.rule)
             return updates, _microbatch.Accumulating(state, zeros)
         if not isinstance(stage, _microbatch.Micro | _microbatch.Emit):
             raise TypeError(f"an accumulating state needs stats of a micro-batch, got {stage!r}")
         _validation.check_stats(stage.stats, specs)
         total = _microbatch.accumulate(
-            pending, specs, state.blocks, stage.stats, config, factors_used(state.count)
+            pending, specs, layers, stage.stats, config, factors_used(state.count)
         )
         if isinstance(stage, _microbatch.Micro):
             return jax.tree.map(jnp.zeros_like, updates), _microbatch.Accumulating(state, total)
@@ -165,7 +167,7 @@ def _scale_by_kfe(
         # An nnx.State of variables (split + jax.jit): work on its arrays, return its structure.
         structure = jax.tree.structure(updates)
         updates = _blocks.as_arrays(updates)
-        specs = _validation.check_update(updates, state, blocks)
+        specs = _validation.check_update(updates, state, blocks, stored)
         _validation.check_stats(stats, specs)
         count = state.count
         damping_now = damping(count) if callable(damping) else damping
@@ -177,7 +179,7 @@ def _scale_by_kfe(
         )
 
         # With one-batch factors (factor_decay=0) only the basis updates need them.
-        new_blocks = _stacking.stack(batch.groups, state.blocks)
+        new_blocks = _stacking.regroup(stored, batch.groups, state.blocks)
         if not one_batch:  # on updates 0, m, 2m, ..., debiased by their number (m = 1: count)
 
             def new_factors(blocks):
@@ -209,22 +211,30 @@ def _scale_by_kfe(
             (passed, fallback_updates, new_fallback),
         )
 
-        # Write back per layer; a non-finite update changes nothing but `skipped`.
+        # A non-finite update changes nothing but `skipped`: the selects on the groups' arrays,
+        # before they are cut into layers (one per group, not one per layer).
+        applied = ScaleByEkfacState(
+            count=optax.safe_increment(count),
+            skipped=state.skipped,
+            blocks=_stacking.regroup(batch.groups, stored, new_blocks),
+            fallback=new_fallback,
+        )
+        rejected = state._replace(skipped=optax.safe_increment(state.skipped))
+        outputs = (applied, preconditioned, fallback_updates, passed)
+        zeros = jax.tree.map(jnp.zeros_like, outputs[1:])
+        new_state, preconditioned, fallback_updates, passed = _step.select(
+            finite, outputs, (rejected, *zeros)
+        )
+
+        # Write back per layer.
         preconditioned = _stacking.unstack(batch.groups, preconditioned)
         new_layers = {
             path: _kinds.from_matrix(preconditioned[path], _blocks.subtree(updates, path), spec)
             for path, spec in specs.items()
         }
-        new_updates = _replace_leaves(_blocks.replace_blocks(updates, new_layers), fallback_updates)
-        applied = ScaleByEkfacState(
-            count=optax.safe_increment(count),
-            skipped=state.skipped,
-            blocks=_stacking.unstack(batch.groups, new_blocks),
-            fallback=new_fallback,
+        new_updates = _replace_leaves(
+            _blocks.replace_blocks(updates, new_layers), {**passed, **fallback_updates}
         )
-        rejected = state._replace(skipped=optax.safe_increment(state.skipped))
-        zeros = jax.tree.map(jnp.zeros_like, new_updates)
-        new_state, new_updates = _step.select(finite, (applied, new_updates), (rejected, zeros))
         return jax.tree.unflatten(structure, jax.tree.leaves(new_updates)), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -343,13 +353,15 @@ def scale_by_ekfac(
         float32 factor and basis ``8 d²`` bytes (134 MB at 4096, 537 MB at 8192) and
         a float32 ``eigh`` measured at 3.9 s on a 2-core CPU (0.7 s at 2048, 29 s at
         8192; about 30 minutes at a 32768-token vocabulary by the cubic growth).
-      stack_blocks: compute the blocks of equal shapes, options and statistics' shapes (the
-        layers of a model written as a Python loop, whatever their kind) as one stacked block:
-        one traced body, one batched projection and one loop of ``eigh`` per distinct shape,
-        with equal results (tested in float64). The state stays one entry per layer, so it
-        does not depend on this choice. Off by default: on a 2-core CPU it made neither the
-        compile nor the step faster (``benchmarks/results/depth.md``): XLA's CPU runtime runs
-        the per-layer operations side by side, and stacking adds copies of the state.
+      stack_blocks: store and compute the blocks of equal shapes and options (the layers of a
+        model written as a Python loop, whatever their kind) as one stacked block: one state
+        entry, one traced body, one batched projection and one loop of ``eigh`` per distinct
+        shape, with equal results (tested in float64). The state then holds one entry per
+        group, keyed by its first member's path, its members stacked along a new leading axis
+        in the order of ``blocks``; a state of the other layout (a checkpoint) is refused with
+        an error that says so. Members whose statistics differ in shape (a strided convolution
+        among unstrided ones) are computed apart, their slices of the entry copied out and back.
+        Off by default until ``benchmarks/results/depth.md`` shows it faster.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes

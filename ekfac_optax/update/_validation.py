@@ -91,20 +91,29 @@ def _factor_shapes(spec: _blocks.BlockSpec, block: Any):
 
 
 def check_update(
-    updates: Any, state: Any, blocks: Mapping[str, _blocks.BlockSpec]
+    updates: Any,
+    state: Any,
+    blocks: Mapping[str, _blocks.BlockSpec],
+    stored: Mapping[str, Any] | None = None,
 ) -> dict[str, _blocks.BlockSpec]:
-    """The blocks, checked against ``updates`` and the state; curvature dtype of the state."""
+    """The blocks, checked against ``updates`` and the state; curvature dtype of the state.
+
+    ``stored``: the groups of blocks whose state is one stacked entry (``_stacking.plan``, keyed
+    by their first member); ``None``: one entry per block.
+    """
     _blocks.check_params(updates, blocks, "scale_by_ekfac.update: updates")
-    if set(state.blocks) != set(blocks):
+    entries = dict(blocks) if stored is None else {key: g.spec for key, g in stored.items()}
+    if set(state.blocks) != set(entries):
         raise ValueError(
             "scale_by_ekfac: the optimizer state's layers do not match its blocks: "
-            f"only in blocks {sorted(set(blocks) - set(state.blocks))}, "
-            f"only in state {sorted(set(state.blocks) - set(blocks))}"
+            f"only in blocks {sorted(set(entries) - set(state.blocks))}, "
+            f"only in state {sorted(set(state.blocks) - set(entries))}"
+            + _layout_hint(set(state.blocks), set(blocks), set(entries))
         )
     wrong = {
         path: f"state {_slot_shape(state.blocks[path].scalings)}, expected "
         f"{_expected_state_shape(s)}"
-        for path, s in blocks.items()
+        for path, s in entries.items()
         if _slot_shape(state.blocks[path].scalings) != _expected_state_shape(s)
     }
     # Same layer shapes, other factor shapes: a state built with another max_factor_dim.
@@ -112,7 +121,7 @@ def check_update(
         {
             path: f"state factor_{side} {shape}, expected {expected} (max_factor_dim="
             f"{s.max_factor_dim}: the state of an optimizer with another cap?)"
-            for path, s in blocks.items()
+            for path, s in entries.items()
             if s.block != "diagonal" and path not in wrong
             for side, shape, expected in _factor_shapes(s, state.blocks[path])
             if shape != expected
@@ -137,10 +146,29 @@ def check_update(
                 "scale_by_ekfac: the updates' parameters outside the blocks do not match the "
                 f"optimizer state's fallback: {differ}"
             )
+    entry = {m: key for key, g in (stored or {}).items() for m in g.members}
     return {
-        path: dataclasses.replace(spec, dtype=jax.tree.leaves(state.blocks[path].scalings)[0].dtype)
+        path: dataclasses.replace(
+            spec, dtype=jax.tree.leaves(state.blocks[entry.get(path, path)].scalings)[0].dtype
+        )
         for path, spec in blocks.items()
     }
+
+
+def _layout_hint(in_state: set[str], layers: set[str], entries: set[str]) -> str:
+    """Why a state's entries may differ from the expected ones: the other ``stack_blocks``."""
+    if entries != layers and in_state == layers:
+        return (
+            "; the state holds one entry per layer, an optimizer with stack_blocks=False made "
+            "it, and this one has stack_blocks=True (same-shaped blocks stored stacked, one "
+            "entry per group): build the state with the optimizer that uses it"
+        )
+    if entries == layers and in_state < layers:
+        return (
+            "; the state lacks some layers: an optimizer with stack_blocks=True (one entry per "
+            "group of same-shaped blocks) may have made it, and this one has stack_blocks=False"
+        )
+    return ""
 
 
 def _expected_stats(spec: _blocks.BlockSpec, n, t) -> tuple[tuple, tuple]:
