@@ -17,8 +17,9 @@ KFAC where it installs and runs on the model.
 Per layout, depth and method:
 
 - **compile**: seconds to lower and compile the jitted train step (value and gradient, with the
-  layer statistics for ours; the update; apply). kfac-jax jits inside its ``step``: its first
-  call's time less one steady step;
+  layer statistics for ours; the update; apply), the median of 3 compiles, the methods in turn
+  (one compile varies by +-15% on the 2-core CPU). kfac-jax jits inside its ``step``: its first
+  call's time less one steady step, once;
 - **step**: the median over repetitions of a window of 20 steps (a multiple of
   ``basis_update_every``, so that each window holds its eigendecompositions in proportion), the
   methods in turn (round-robin), each warmed up first.
@@ -60,8 +61,10 @@ METHODS = (
     "EKFAC-ra f10",
     "kfac-jax",
 )
-FULL = dict(depths=(2, 6, 12), width=128, heads=4, vocab=512, seq=32, batch=16, reps=3)
-QUICK = dict(depths=(1, 2), width=32, heads=2, vocab=64, seq=8, batch=4, reps=1)
+FULL = dict(
+    depths=(2, 6, 12), width=128, heads=4, vocab=512, seq=32, batch=16, reps=3, compile_reps=3
+)
+QUICK = dict(depths=(1, 2), width=32, heads=2, vocab=64, seq=8, batch=4, reps=1, compile_reps=1)
 COMPILE_GOAL, OWN_GOAL, STEP_GOAL = 1.5, 1.2, 1.5
 
 
@@ -187,20 +190,25 @@ def measure(layout: str, layers: int, size: dict, methods, kfac_jax, log) -> lis
     batch = tuple(jnp.asarray(rng.integers(0, size["vocab"], shape), jnp.int32) for _ in range(2))
     params0 = model.init(jax.random.key(0), batch[0])["params"]
     blocks = ek.find_blocks(loss_fn, params0, *batch)
-    runs, skipped = {}, {}
-    for method in methods:
-        try:
-            if method == "kfac-jax":
-                runs[method] = kfac_jax_runner(kfac_jax, model, params0, batch)
-            else:
-                runs[method] = ours_runner(method, loss_fn, params0, blocks, batch)
-        except Exception as e:  # kfac-jax's graph matcher on a model it does not handle
-            if method != "kfac-jax":
-                raise
-            skipped[method] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            log(f"  {layout} {layers} kfac-jax skipped: {skipped[method]}")
-            continue
-        log(f"  {layout} {layers} {method}: compiled in {runs[method][0]:.1f} s")
+    runs, skipped, compiles = {}, {}, {}
+    for rep in range(size["compile_reps"]):  # round-robin: the machine's drift shared out
+        for method in methods:
+            if method in skipped or (method == "kfac-jax" and rep > 0):
+                continue  # kfac-jax's compile is its first call's: measured once
+            try:
+                if method == "kfac-jax":
+                    runs[method] = kfac_jax_runner(kfac_jax, model, params0, batch)
+                else:
+                    runs[method] = ours_runner(method, loss_fn, params0, blocks, batch)
+            except Exception as e:  # kfac-jax's graph matcher on a model it does not handle
+                if method != "kfac-jax":
+                    raise
+                skipped[method] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                log(f"  {layout} {layers} kfac-jax skipped: {skipped[method]}")
+                continue
+            compiles.setdefault(method, []).append(runs[method][0])
+            log(f"  {layout} {layers} {method}: compiled in {runs[method][0]:.1f} s")
+    runs = {m: (statistics.median(compiles[m]), *run[1:]) for m, run in runs.items()}
     carries = {m: jax.block_until_ready(runs[m][1](runs[m][2])) for m in runs}  # warm-up
     times: dict[str, list[float]] = {m: [] for m in runs}
     window = 2 if size is QUICK else EVERY
@@ -277,6 +285,7 @@ def report(rows: list[dict], size: dict, context: dict) -> str:
         f"Machine: {context['machine']}. Model: `benchmarks/modern_lm.py`'s decoder, float32, "
         f"width {size['width']}, {size['heads']} heads, vocabulary {size['vocab']}, sequence "
         f"{size['seq']}, batch {size['batch']}; blocks as a Python loop or under `nn.scan`. "
+        f"Compile: median of {size['compile_reps']} compiles, methods in turn. "
         f"Step: median of {size['reps']} windows of "
         f"{2 if size is QUICK else EVERY} steps, methods in turn. Command: "
         f"`{context['command']}`.",

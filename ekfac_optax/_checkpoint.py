@@ -48,10 +48,17 @@ def _check_matches(saved: dict, expected: dict, directory: str) -> None:
                 f"{p[-1]} {s_dtype}{list(s_shape)} in checkpoint, {e_dtype}{list(e_shape)} expected"
             )
     if only_saved or only_expected or differ:
+        layout = (
+            "; if the model is the same, the checkpoint was saved by an optimizer with the other "
+            "stack_blocks (True: one state entry per group of same-shaped layers, keyed by its "
+            "first member; False: one per layer)"
+            if (only_saved or only_expected) and not (only_saved and only_expected)
+            else ""
+        )
         raise ValueError(
             f"checkpoint {directory!r} does not match the optimizer state: "
             f"layers only in the checkpoint {only_saved}, layers only in the model "
-            f"{only_expected}, layers with other shapes or dtypes {differ}"
+            f"{only_expected}, layers with other shapes or dtypes {differ}{layout}"
         )
 
 

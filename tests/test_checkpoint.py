@@ -82,6 +82,17 @@ def training_digest() -> str:
 
 
 @pytest.mark.slow  # two subprocesses
+def test_checkpoint_of_the_other_stack_blocks_layout_says_so(tmp_path):
+    """Dense_1 and Dense_2 (both 33 x 32) are one stacked entry with ``stack_blocks=True``: a
+    per-layer checkpoint does not restore into that state, and the error names the cause."""
+    _, params, blocks = float32_mlp((32, 32, 32, 10))
+    per_layer = ek.ekfac(0.05, blocks=blocks, **KW).init(params)
+    stacked = ek.ekfac(0.05, blocks=blocks, stack_blocks=True, **KW).init(params)
+    ek.save_state(tmp_path / "ckpt", per_layer)
+    with pytest.raises(ValueError, match=r"only in the checkpoint \['Dense_2'\].*stack_blocks"):
+        ek.restore_state(tmp_path / "ckpt", stacked)
+
+
 def test_same_seed_is_bit_identical_across_processes():
     """A fresh process (own compilation, own thread pool) gives the same bytes as this one."""
     root = str(pathlib.Path(__file__).parents[1])  # ekfac_optax, importable from any directory

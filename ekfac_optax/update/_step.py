@@ -127,24 +127,27 @@ def factors(
     """Stage 2: the groups' states with this batch's factors averaged in (``count``: the factor
     updates before this one, by default ``batch.count``).
 
-    A group's factors come from its stacked statistics: one batched product per side, not one
-    per member and a copy of each into a stack (a 12-block LM's update: fewer operations to
-    compile).
+    Each layer's factors come from its own statistics (one matmul each: as fast as a batched
+    one on a CPU, and the statistics are not copied), then are stacked per group. Computed from
+    a group's stacked statistics instead, the 12-block LM of ``benchmarks/depth.py`` stepped in
+    264 ms instead of 225 and compiled in 10.0 s instead of 8.7 (2-core CPU).
     """
-    if batch.fresh is None:
-        fresh = {
-            key: _stages.batch_factors(
-                g.spec, batch.h[key], batch.delta[key], config, batch.attend.get(key)
-            )
-            for key, g in batch.groups.items()
-        }
-    else:
-        fresh = _stacking.stack(batch.groups, batch.fresh)
+    fresh = _stacking.stack(batch.groups, batch.fresh or layer_factors(batch, config))
     return {
         key: _stages.new_factors(
             blocks[key], fresh[key], batch.count if count is None else count, config
         )
         for key in batch.groups
+    }
+
+
+def layer_factors(batch: Batch, config: _stages.Config) -> dict[str, Any]:
+    """Per layer, this batch's factors ``(A, B)`` (``None``: a diagonal block)."""
+    return {
+        p: _stages.batch_factors(
+            s, batch.layer_h[p], batch.layer_delta[p], config, batch.attend.get(p)
+        )
+        for p, s in batch.specs.items()
     }
 
 
