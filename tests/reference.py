@@ -273,6 +273,15 @@ def kfac_matrix(factor_a, factor_b, positions, damping, mode) -> np.ndarray:
     return np.kron(positions * factor_a + root * eye_a, factor_b + root * eye_b)
 
 
+def layer_matrix(layer: "LayerReference", method: str, damping, mode) -> np.ndarray:
+    """The dense damped curvature of one layer: EKFAC's (``method="ekfac"``) or KFAC's."""
+    if method == "ekfac":
+        return ekfac_matrix(
+            layer.per_example, layer.factor_a, layer.factor_b, layer.positions, damping, mode
+        )
+    return kfac_matrix(layer.factor_a, layer.factor_b, layer.positions, damping, mode)
+
+
 def solve(matrix: np.ndarray, grad: np.ndarray) -> np.ndarray:
     """``matrix⁻¹ vec(g)``, reshaped like ``g``."""
     return np.linalg.solve(matrix, grad.ravel()).reshape(grad.shape)

@@ -28,11 +28,7 @@ PROBLEM = ref.PROBLEMS["mlp"]
 
 def reference_matrix(layer: ref.LayerReference, method: str) -> np.ndarray:
     """The dense damped curvature ``M`` of one layer (one-batch factors, Tikhonov damping)."""
-    if method == "ekfac":
-        return ref.ekfac_matrix(
-            layer.per_example, layer.factor_a, layer.factor_b, layer.positions, DAMPING, "tikhonov"
-        )
-    return ref.kfac_matrix(layer.factor_a, layer.factor_b, layer.positions, DAMPING, "tikhonov")
+    return ref.layer_matrix(layer, method, DAMPING, "tikhonov")
 
 
 def reference_direction(method: str) -> dict[str, np.ndarray]:

@@ -62,19 +62,7 @@ def library_step(tx, loss_fn):
 
 def reference_update(layer: ref.LayerReference, method: str, damping_mode: str) -> np.ndarray:
     """The dense-solve update of one layer on its own batch, with a condition-number check."""
-    if method == "ekfac":
-        matrix = ref.ekfac_matrix(
-            layer.per_example,
-            layer.factor_a,
-            layer.factor_b,
-            layer.positions,
-            DAMPING,
-            damping_mode,
-        )
-    else:
-        matrix = ref.kfac_matrix(
-            layer.factor_a, layer.factor_b, layer.positions, DAMPING, damping_mode
-        )
+    matrix = ref.layer_matrix(layer, method, DAMPING, damping_mode)
     assert np.linalg.cond(matrix) < MAX_COND
     return ref.solve(matrix, layer.grad)
 
