@@ -138,9 +138,7 @@ def summary(
 def _block_bytes(entries: dict[str, Any], blocks: dict[str, Any]) -> dict[str, int]:
     """The state bytes of each block: its entry's, or its share of its group's stacked entry
     (``stack_blocks=True``: same-shaped blocks, equal shares)."""
-    groups = {path: _stacking.Group(spec, (path,)) for path, spec in blocks.items()}
-    if set(entries) != set(blocks):
-        groups = _stacking.plan(blocks)
+    groups = _stacking.plan(blocks, enabled=set(entries) != set(blocks))
     return {
         member: _bytes(entries[key]) // len(g.members)
         for key, g in groups.items()
