@@ -10,6 +10,7 @@ from ekfac_optax._checkpoint import restore_state, save_state
 from ekfac_optax._graft import GraftState, graft
 from ekfac_optax._loss_check import check_loss
 from ekfac_optax._norm_constraint import ClipByFisherNormState, clip_by_fisher_norm
+from ekfac_optax._operator import BlockCurvature, Curvature, curvature
 from ekfac_optax._summary import ParameterRow, Summary, summarize, summary
 from ekfac_optax._train_state import TrainState
 from ekfac_optax.capture._capture import find_blocks, value_grad_and_stats
@@ -21,6 +22,7 @@ from ekfac_optax.update._transform import scale_by_ekfac, scale_by_kfac, scale_b
 
 __all__ = [
     "AdamSlot",
+    "BlockCurvature",
     "Blocks",
     "BlockSpec",
     "BlockState",
@@ -37,6 +39,8 @@ __all__ = [
     "block_labels",
     "check_loss",
     "clip_by_fisher_norm",
+    "Curvature",
+    "curvature",
     "ekfac",
     "find_blocks",
     "graft",

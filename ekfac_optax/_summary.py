@@ -148,13 +148,12 @@ def _block_bytes(entries: dict[str, Any], blocks: dict[str, Any]) -> dict[str, i
 
 def _preconditioner_state(state: Any) -> Any:
     """The first :class:`ScaleByEkfacState` in an optimizer's state, or a TypeError."""
-    is_ours = lambda x: isinstance(x, _state.ScaleByEkfacState)  # noqa: E731
-    for node in jax.tree.leaves(state, is_leaf=is_ours):
-        if is_ours(node):
-            return node
-    raise TypeError(
-        "summary: tx holds no preconditioner of ekfac_optax (no ScaleByEkfacState in its state)"
-    )
+    found = _state.find_states(state)
+    if not found:
+        raise TypeError(
+            "summary: tx holds no preconditioner of ekfac_optax (no ScaleByEkfacState in its state)"
+        )
+    return found[0]
 
 
 def _human(n: int) -> str:

@@ -3,7 +3,7 @@
 how a block's entry starts (:func:`init_block`). The update (``_transform``, ``_step``) reads
 and writes these; the scalings' own slot in them is the rule's (``_scalings``)."""
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -115,3 +115,10 @@ def init_block(spec: _blocks.BlockSpec, rule: _scalings.ScalingRule):
     if spec.block == "embed":
         return EmbedState(factor_a, factor_b, eigvals_a, eigvals_b, basis_b, scalings)
     return BlockState(factor_a, factor_b, eigvals_a, basis_a, eigvals_b, basis_b, scalings)
+
+
+def find_states(tree: Any) -> list[ScaleByEkfacState]:
+    """Every :class:`ScaleByEkfacState` in an optimizer's state (a chain's, ``multi_steps``'),
+    in the order of its leaves."""
+    is_ours = lambda x: isinstance(x, ScaleByEkfacState)  # noqa: E731
+    return [node for node in jax.tree.leaves(tree, is_leaf=is_ours) if is_ours(node)]

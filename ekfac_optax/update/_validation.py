@@ -95,17 +95,21 @@ def check_update(
     state: Any,
     blocks: Mapping[str, _blocks.BlockSpec],
     stored: Mapping[str, Any] | None = None,
+    *,
+    where: str = "scale_by_ekfac",
+    tree: str = "scale_by_ekfac.update: updates",
 ) -> dict[str, _blocks.BlockSpec]:
     """The blocks, checked against ``updates`` and the state; curvature dtype of the state.
 
     ``stored``: the groups of blocks whose state is one stacked entry (``_stacking.plan``, keyed
-    by their first member); ``None``: one entry per block.
+    by their first member); ``None``: one entry per block. ``where`` and ``tree`` name the caller
+    and ``updates`` in the errors.
     """
-    _blocks.check_params(updates, blocks, "scale_by_ekfac.update: updates")
+    _blocks.check_params(updates, blocks, tree)
     entries = dict(blocks) if stored is None else {key: g.spec for key, g in stored.items()}
     if set(state.blocks) != set(entries):
         raise ValueError(
-            "scale_by_ekfac: the optimizer state's layers do not match its blocks: "
+            f"{where}: the optimizer state's layers do not match its blocks: "
             f"only in blocks {sorted(set(entries) - set(state.blocks))}, "
             f"only in state {sorted(set(state.blocks) - set(entries))}"
             + _layout_hint(set(state.blocks), set(blocks), set(entries))
@@ -128,9 +132,7 @@ def check_update(
         }
     )
     if wrong:
-        raise ValueError(
-            f"scale_by_ekfac: the optimizer state does not match the layers' shapes: {wrong}"
-        )
+        raise ValueError(f"{where}: the optimizer state does not match the layers' shapes: {wrong}")
     if state.fallback:
         leaves = _blocks.fallback_leaves(updates, blocks)
         differ = sorted(
@@ -143,7 +145,7 @@ def check_update(
         )
         if differ:
             raise ValueError(
-                "scale_by_ekfac: the updates' parameters outside the blocks do not match the "
+                f"{where}: the updates' parameters outside the blocks do not match the "
                 f"optimizer state's fallback: {differ}"
             )
     entry = {m: key for key, g in (stored or {}).items() for m in g.members}
