@@ -7,13 +7,16 @@ Gradient Descent in a Kronecker-factored Eigenbasis. NeurIPS 2018.
 from ekfac_optax._accumulate import MultiStepsState, multi_steps
 from ekfac_optax._alias import ekfac, kfac, kfe_adam, kfe_adamw
 from ekfac_optax._checkpoint import restore_state, save_state
+from ekfac_optax._fit import fit_curvature
 from ekfac_optax._graft import GraftState, graft
+from ekfac_optax._influence import influence, per_example_grads, self_influence
 from ekfac_optax._loss_check import check_loss
 from ekfac_optax._norm_constraint import ClipByFisherNormState, clip_by_fisher_norm
 from ekfac_optax._operator import BlockCurvature, Curvature, curvature
 from ekfac_optax._summary import ParameterRow, Summary, summarize, summary
 from ekfac_optax._train_state import TrainState
 from ekfac_optax.capture._capture import find_blocks, value_grad_and_stats
+from ekfac_optax.capture._fisher import TrueFisher
 from ekfac_optax.capture._stats import LayerStats
 from ekfac_optax.curvature._scalings import AdamSlot
 from ekfac_optax.kinds._blocks import Blocks, BlockSpec, block_labels
@@ -36,6 +39,7 @@ __all__ = [
     "ScaleByEkfacState",
     "Summary",
     "TrainState",
+    "TrueFisher",
     "block_labels",
     "check_loss",
     "clip_by_fisher_norm",
@@ -43,16 +47,20 @@ __all__ = [
     "curvature",
     "ekfac",
     "find_blocks",
+    "fit_curvature",
     "graft",
+    "influence",
     "kfac",
     "kfe_adam",
     "kfe_adamw",
     "multi_steps",
+    "per_example_grads",
     "restore_state",
     "save_state",
     "scale_by_ekfac",
     "scale_by_kfac",
     "scale_by_kfe_adam",
+    "self_influence",
     "summarize",
     "summary",
     "value_grad_and_stats",

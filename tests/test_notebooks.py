@@ -28,6 +28,7 @@ NOTEBOOKS = (
     "03_convnets",
     "04_paper_autoencoder",
     "05_nnx_and_transformers",
+    "06_influence",
 )
 REPOSITORY = "ekfac-optax/ekfac_optax"  # the placeholder owner/name, see notebooks/README.md
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
@@ -123,7 +124,7 @@ def test_install_cell_requirements_resolve(tmp_path):
         )
 
 
-def test_the_notebooks_are_the_numbered_five():
+def test_the_notebooks_are_the_numbered_six():
     assert sorted(path.stem for path in NOTEBOOK_DIR.glob("*.ipynb")) == list(NOTEBOOKS)
 
 

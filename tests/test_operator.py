@@ -272,6 +272,17 @@ def test_stacked_state_gives_the_per_layer_operator(scan_mlp):
             # the same LAPACK eigh per member, batched or not: round-off apart
             np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(ops[True].logdet(DAMPING), ops[False].logdet(DAMPING), rtol=1e-12)
+    # The scanned layers' stacked block: each copy its own dense matrix from its state slice.
+    state = first_state(loss_fn, params, batch, make_tx("ekfac", blocks))
+    node, product = state.blocks["scan/Dense_0"], ops[False].matvec(v)["scan"]["Dense_0"]
+    for i in range(2):
+        kron = np.kron(np.asarray(node.basis_a[i]), np.asarray(node.basis_b[i]))
+        fisher = kron @ np.diag(np.asarray(node.scalings[i]).ravel()) @ kron.T
+        layer = jax.tree.map(lambda x, i=i: x[i], v["scan"]["Dense_0"])
+        vec = ref.block_matrix(layer)
+        expected = (fisher @ vec.ravel()).reshape(vec.shape)
+        got = ref.block_matrix(jax.tree.map(lambda x, i=i: x[i], product))
+        assert ref.relative_error(got, expected) < RTOL, i
 
 
 def test_operator_jits_vmaps_and_keeps_sharding(scan_mlp):

@@ -14,6 +14,7 @@ trace. Since both functions take the blocks from the same run of the same table,
 blocks and the captured stats agree by construction.
 """
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ekfac_optax.capture import _nnx, _probes
+from ekfac_optax.capture import _fisher, _nnx, _probes
 from ekfac_optax.capture._stats import LayerStats
 from ekfac_optax.kinds import _blocks, _kinds
 
@@ -167,6 +168,7 @@ def value_grad_and_stats(
     has_aux: bool = False,
     *,
     layers: Sequence[str] | None = None,
+    fisher: _fisher.TrueFisher | None = None,
 ) -> Callable[..., tuple[Any, Any, dict[str, LayerStats]]]:
     """Like ``jax.value_and_grad(loss_fn)``, plus each block's ``h`` and ``delta``.
 
@@ -195,12 +197,17 @@ def value_grad_and_stats(
       layers: optional module paths to capture (a dict of blocks: its keys);
         ``None`` captures every block. Pass the blocks given to the optimizer
         when that is a subset of ``find_blocks``.
+      fisher: ``None``: the statistics of ``loss_fn`` itself, with the dataset's labels (the
+        empirical Fisher); an :class:`ekfac_optax.TrueFisher` (``samples=1``): the statistics
+        of its loss, labels drawn from the model's predictive distribution with the key
+        ``f(..., fisher_key=key)`` (the true Fisher; one more forward and backward pass),
+        while ``value`` and ``grads`` stay those of ``loss_fn``.
 
     Returns:
       ``f(params, *args, **kwargs) -> (value, grads, stats)``, where ``value``
       is ``loss`` (or ``(loss, aux)``), ``grads`` the gradient of the mean loss
       with respect to ``params`` and ``stats`` a dict from module path to
-      :class:`LayerStats`.
+      :class:`LayerStats` (with ``fisher``: ``f(params, *args, fisher_key, **kwargs)``).
 
     Raises:
       ValueError: at trace time, for a layer called inside ``jax.vmap`` over examples (shared
@@ -220,6 +227,8 @@ def value_grad_and_stats(
       ((2, 6, 9), (2, 6, 4))
     """
     layers = _blocks.layer_paths(layers)
+    if fisher is not None:
+        return _with_true_fisher(loss_fn, has_aux, layers, fisher)
 
     def f(params, *args, **kwargs):
         if _kinds.is_nnx(params):
@@ -252,5 +261,26 @@ def value_grad_and_stats(
             calls, lambda path: (probe_grads[path]["h"], probe_grads[path]["delta"])
         )
         return ((loss, aux) if has_aux else loss), grads, stats
+
+    return f
+
+
+def _with_true_fisher(loss_fn, has_aux, layers, fisher: _fisher.TrueFisher):
+    """:func:`value_grad_and_stats` whose statistics are those of ``fisher``'s loss."""
+    if not isinstance(fisher, _fisher.TrueFisher):
+        raise TypeError(f"fisher must be None or an ek.TrueFisher, got {fisher!r}")
+    if fisher.samples != 1:
+        raise ValueError(
+            "value_grad_and_stats: fisher= needs samples=1 (one row of statistics per example: "
+            "EKFAC-ra's and the fallback's N g² read N from them); ek.fit_curvature takes any"
+        )
+    capture = value_grad_and_stats(functools.partial(fisher.loss, repeats=1), layers=layers)
+
+    def f(params, *args, fisher_key, **kwargs):
+        if _kinds.is_nnx(params):
+            raise TypeError("value_grad_and_stats: fisher= works with linen params, not NNX yet")
+        value, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, *args, **kwargs)
+        _, _, stats = capture(params, fisher_key, *args)
+        return value, grads, stats
 
     return f

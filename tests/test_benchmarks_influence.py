@@ -1,0 +1,27 @@
+"""Smoke test of ``benchmarks/influence.py``: the quick configuration writes every method's row,
+with the dense solve as the exact reference (its own agreement 1)."""
+
+import csv
+import math
+
+import pytest
+
+from benchmarks import influence  # importable: `pythonpath` in pyproject.toml
+
+pytestmark = pytest.mark.slow  # a benchmark's quick run
+
+
+def test_influence_quick_writes_every_method_for_both_models(tmp_path):
+    influence.main(["--quick", "--out", str(tmp_path)])
+    with open(tmp_path / "influence_quick.csv") as f:
+        rows = list(csv.DictReader(f))
+    methods = ["EKFAC", "dense", "CG (10 iterations)", "gradient dot product"]
+    assert [(r["model"], r["method"]) for r in rows] == [
+        (model, method) for model in ("MLP", "CNN") for method in methods
+    ]
+    for r in rows:
+        assert -1 <= float(r["spearman"]) <= 1 and math.isfinite(float(r["total_s"]))
+        if r["method"] == "dense":
+            assert float(r["spearman"]) == 1.0 and float(r["top10"]) == 1.0
+    text = (tmp_path / "influence_quick.md").read_text()
+    assert "| MLP |" in text and "Spearman" in text
