@@ -3,10 +3,12 @@
 Issue 19's benchmark: an MLP and a CNN trained with Adam on scikit-learn's 8x8 digits (float32),
 the curvature of their empirical Fisher on ``M`` training examples, and the scores
 ``g_qᵀ (F + λI)⁻¹ g_m`` of ``Q`` test predictions against those ``M`` examples (1,000 x 100), with
-``λ = 0.1 x`` the Fisher's mean eigenvalue (``tr F / P``, the same for every method):
+``λ = k x`` the Fisher's mean eigenvalue (``tr F / P``, the same for every method; ``k`` of
+``DAMPINGS``, timed at the first):
 
 - **EKFAC**: ``ek.fit_curvature`` over the ``M`` examples (factors, eigenbasis, then ``s*``), then
   ``ek.influence`` (one solve per query in the eigenbasis, one ``(Q, P) x (P, M)`` product);
+- **KFAC**: the same with ``method="kfac"`` (``T A ⊗ B``, one pass);
 - **dense**: the ``P x P`` empirical Fisher ``Gᵀ G / M`` of the per-example gradients ``G``, and
   ``jnp.linalg.solve`` for the ``Q`` queries (the exact scores, where ``P²`` fits in memory);
 - **CG**: ``jax.scipy.sparse.linalg.cg`` on the Fisher-vector product ``Gᵀ(G v) / M`` (matrix-free
@@ -45,6 +47,7 @@ from benchmarks._common import base_parser, machine_info, write_results
 FULL = dict(width=64, channels=(8, 16), epochs=30)
 QUICK = dict(width=8, channels=(2, 4), epochs=1)
 TOP = 10  # the overlap of the top-TOP examples
+DAMPINGS = (0.1, 1.0, 10.0)  # x the Fisher's mean eigenvalue; times and memory at the first
 
 
 class MLP(nn.Module):
@@ -150,54 +153,33 @@ def measure(name, model, size, args, log) -> list[dict]:
     train_grads, grad_seconds = timed(grads_fn, params, x_train, y_train)
     query_grads = grads_fn(params, x_query, y_query)
     g, gq = flat(train_grads), flat(query_grads)
-    damping = 0.1 * float(jnp.sum(g**2)) / m / n_params  # 0.1 x tr(F) / P
-    dot = np.asarray(gq @ g.T)
+    mean_eigenvalue = float(jnp.sum(g**2)) / m / n_params  # tr(F) / P
+    dampings = [k * mean_eigenvalue for k in DAMPINGS]
 
-    rows = []
+    # Dense: the exact scores, one solve per damping.
+    fisher, dense_fit = timed(jax.jit(lambda g: g.T @ g / g.shape[0]), g)
 
-    def row(method, scores, fit_s, score_s, held, temp):
-        rho, top = agreement(np.asarray(scores), exact)
-        rows.append(
-            dict(
-                model=name,
-                params=n_params,
-                method=method,
-                fit_s=round(fit_s, 4),
-                score_s=round(score_s, 4),
-                total_s=round(fit_s + score_s, 4),
-                held_mb=round(held / 1e6, 3),
-                temp_mb=round(temp / 1e6, 3),
-                spearman=round(rho, 4),
-                top10=round(top, 3),
-            )
-        )
-        log(f"  {method}: {rows[-1]}")
-
-    # Dense: the exact scores.
-    fisher_fn = jax.jit(lambda g: g.T @ g / g.shape[0])
-    fisher, dense_fit = timed(fisher_fn, g)
-
-    def dense_scores(fisher, gq, g):
+    def dense_scores(fisher, gq, g, damping):
         solved = jnp.linalg.solve(fisher + damping * jnp.eye(len(fisher)), gq.T).T
         return solved @ g.T
 
-    exact, dense_score = timed(jax.jit(dense_scores), fisher, gq, g)
-    exact = np.asarray(exact)
+    dense_jit = jax.jit(dense_scores)
+    exact = [np.asarray(dense_jit(fisher, gq, g, d)) for d in dampings]
+    _, dense_score = timed(dense_jit, fisher, gq, g, dampings[0])
 
-    # EKFAC: fit once, then score.
+    # EKFAC and KFAC: fit once, then score.
     blocks = ek.find_blocks(loss_fn, params, x_train[:2], y_train[:2])
     batches = [(x_train[i : i + 250], y_train[i : i + 250]) for i in range(0, m, 250)]
-    ek.fit_curvature(loss_fn, params, batches, blocks)  # compiles
-    start = time.perf_counter()
-    op = ek.fit_curvature(loss_fn, params, batches, blocks)
-    jax.block_until_ready(op.trace())
-    ekfac_fit = time.perf_counter() - start
+    fitted = {}
+    for method in ("ekfac", "kfac"):
+        start = time.perf_counter()
+        op = ek.fit_curvature(loss_fn, params, batches, blocks, method=method)
+        jax.block_until_ready(op.trace())
+        fitted[method] = op, time.perf_counter() - start
     influence = jax.jit(ek.influence)
-    scores, ekfac_score = timed(influence, op, train_grads, query_grads, damping)
-    ekfac_temp = temp_bytes(ek.influence, op, train_grads, query_grads, damping)
 
     # CG: matrix-free on G.
-    def cg_scores(g, gq):
+    def cg_scores(g, gq, damping):
         def matvec(v):
             return g.T @ (g @ v) / g.shape[0] + damping * v
 
@@ -206,32 +188,61 @@ def measure(name, model, size, args, log) -> list[dict]:
 
         return jax.vmap(one)(gq) @ g.T
 
-    cg, cg_score = timed(jax.jit(cg_scores), g, gq)
+    cg_jit = jax.jit(cg_scores)
+    rows = []
 
-    row("EKFAC", scores, ekfac_fit, ekfac_score, nbytes((op.blocks, op.fallback)), ekfac_temp)
+    def row(method, scores_at, fit_s, score_s, held, temp):
+        out = dict(
+            model=name,
+            params=n_params,
+            method=method,
+            fit_s=round(fit_s, 4),
+            score_s=round(score_s, 4),
+            total_s=round(fit_s + score_s, 4),
+            held_mb=round(held / 1e6, 3),
+            temp_mb=round(temp / 1e6, 3),
+            grads_s=round(grad_seconds, 4),
+        )
+        for k, d, e in zip(DAMPINGS, dampings, exact, strict=True):
+            rho, top = agreement(np.asarray(scores_at(d)), e)
+            out[f"spearman_{k:g}"], out[f"top10_{k:g}"] = round(rho, 4), round(top, 3)
+        rows.append(out)
+        log(f"  {method}: {out}")
+
+    for method, label in (("ekfac", "EKFAC"), ("kfac", "KFAC")):
+        op, fit_s = fitted[method]
+        _, score_s = timed(influence, op, train_grads, query_grads, dampings[0])
+        row(
+            label,
+            lambda d, op=op: influence(op, train_grads, query_grads, d),
+            fit_s,
+            score_s,
+            nbytes((op.blocks, op.fallback)),
+            temp_bytes(ek.influence, op, train_grads, query_grads, dampings[0]),
+        )
     row(
         "dense",
-        exact,
+        lambda d: exact[dampings.index(d)],
         dense_fit,
         dense_score,
         fisher.nbytes,
-        temp_bytes(dense_scores, fisher, gq, g),
+        temp_bytes(dense_scores, fisher, gq, g, dampings[0]),
     )
+    _, cg_score = timed(cg_jit, g, gq, dampings[0])
     row(
         f"CG ({args.cg_iters} iterations)",
-        cg,
+        lambda d: cg_jit(g, gq, d),
         0.0,
         cg_score,
         g.nbytes,
-        temp_bytes(cg_scores, g, gq),
+        temp_bytes(cg_scores, g, gq, dampings[0]),
     )
-    row("gradient dot product", dot, 0.0, 0.0, 0, 0)
-    for r in rows:
-        r["grads_s"] = round(grad_seconds, 4)
+    row("gradient dot product", lambda d: gq @ g.T, 0.0, 0.0, 0, 0)
     return rows
 
 
 def report(rows, args, command) -> str:
+    ks = [f"{k:g}" for k in DAMPINGS]
     lines = [
         "# Influence scores: EKFAC against the exact dense solve and CG (issue 19)",
         "",
@@ -239,25 +250,35 @@ def report(rows, args, command) -> str:
         f"Machine: {machine_info()}",
         "",
         f"{args.train} training examples x {args.queries} queries (8x8 digits, models trained "
-        "with Adam, float32); the empirical Fisher of the training examples, damping 0.1 x "
-        "its mean eigenvalue. Seconds after one compilation, except EKFAC's fit: one call of "
-        "`ek.fit_curvature`, which compiles its jitted step on every call; `held`: what the "
-        "method keeps (EKFAC: its operator; dense: the P x P Fisher; CG: the per-example "
-        "gradients G); `temp`: XLA's temporary bytes for the compiled scoring; agreement with "
-        f"the exact scores: Spearman's correlation over the {args.train} examples and the "
-        f"overlap of the top {TOP}, means over the queries. The per-example gradients, which "
-        "every method needs, took `grads` seconds.",
+        "with Adam, float32); the empirical Fisher of the training examples, damping "
+        f"`λ = k x` its mean eigenvalue `tr F / P`, `k` in {', '.join(ks)} (times and memory at "
+        f"k = {ks[0]}, kronfluence's choice). Seconds after one compilation, except the fits: "
+        "one call of `ek.fit_curvature`, which compiles its jitted step on every call; `held`: "
+        "what the method keeps (EKFAC/KFAC: the operator; dense: the P x P Fisher; CG: the "
+        "per-example gradients G); `temp`: XLA's temporary bytes for the compiled scoring. "
+        "The per-example gradients, which every method needs, took `grads` seconds.",
         "",
-        "| model | P | method | fit s | scores s | total s | held MB | temp MB | Spearman | "
-        f"top-{TOP} | grads s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | P | method | fit s | scores s | total s | held MB | temp MB | grads s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['params']} | {r['method']} | {r['fit_s']:.3f} | "
-            f"{r['score_s']:.3f} | {r['total_s']:.3f} | {r['held_mb']:.2f} | {r['temp_mb']:.2f} | "
-            f"{r['spearman']:.3f} | {r['top10']:.2f} | {r['grads_s']:.3f} |"
+            f"{r['score_s']:.3f} | {r['total_s']:.3f} | {r['held_mb']:.2f} | "
+            f"{r['temp_mb']:.2f} | {r['grads_s']:.3f} |"
         )
+    lines += [
+        "",
+        "Agreement with the exact scores at each damping: Spearman's rank correlation over the "
+        f"{args.train} training examples / the overlap of the {TOP} highest-scoring ones, means "
+        "over the queries.",
+        "",
+        "| model | method | " + " | ".join(f"k = {k}" for k in ks) + " |",
+        "|---|---|" + "---:|" * len(ks),
+    ]
+    for r in rows:
+        cells = [f"{r[f'spearman_{k}']:.3f} / {r[f'top10_{k}']:.2f}" for k in ks]
+        lines.append(f"| {r['model']} | {r['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
