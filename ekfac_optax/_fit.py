@@ -12,8 +12,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 
 from ekfac_optax._accumulate import multi_steps
+from ekfac_optax._influence import per_example_grads
 from ekfac_optax._operator import Curvature, curvature
 from ekfac_optax.capture import _capture, _fisher
 from ekfac_optax.curvature import _factors
@@ -46,10 +48,9 @@ def fit_curvature(
       (U_A \otimes U_B)^\top
 
     per Kronecker block (KFAC: ``T A ⊗ B`` after pass 1). Diagonal blocks (normalisations) get
-    the mean of their exact per-example squared gradients. Parameters in no block get the
-    preconditioners' fallback, ``N ḡ²`` with ``ḡ`` the dataset's mean gradient: a poor
-    curvature at a trained model (``ḡ ≈ 0``), so fit models whose parameters are all in blocks
-    (``ek.summarize`` lists them) or damp accordingly.
+    the mean of their exact per-example squared gradients, and so do the parameters in no block
+    (the fallback's diagonal; one more pass, of per-example gradients, ``256`` examples at a
+    time; with the empirical Fisher only: a ``TrueFisher`` needs every parameter in a block).
 
     Args:
       loss_fn: ``(params, *batch) -> ()`` the MEAN loss of a batch (as for
@@ -71,7 +72,8 @@ def fit_curvature(
       A :class:`Curvature` (see :func:`curvature`).
 
     Raises:
-      ValueError: no batches, an unknown ``method``, a sampling ``fisher`` without ``key``.
+      ValueError: no batches, an unknown ``method``, a sampling ``fisher`` without ``key``, a
+        ``fisher`` with parameters in no block.
 
     Examples:
       >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -96,6 +98,13 @@ def fit_curvature(
         raise TypeError(f"fit_curvature: fisher must be None or an ek.TrueFisher, got {fisher!r}")
     if fisher is not None and fisher.samples != "exact" and key is None:
         raise ValueError("fit_curvature: a TrueFisher that samples needs key=jax.random.key(...)")
+    outside = _blocks.fallback_leaves(_blocks.as_arrays(params), blocks)
+    if fisher is not None and outside:
+        raise ValueError(
+            "fit_curvature: with a TrueFisher every parameter needs a block; "
+            f"{sorted(outside)[:5]} are in none (their diagonal would need per-example gradients "
+            "of the drawn labels)"
+        )
     options = dict(
         blocks=blocks,
         factor_decay=0.0,  # the accumulated mean of the pass, not a moving average
@@ -134,4 +143,23 @@ def fit_curvature(
         for i, batch in enumerate(batches):
             sub = None if key is None else jax.random.fold_in(key, p * len(batches) + i)
             state = step(params, state, sub, *batch)
-    return curvature(state, params, blocks, max_factor_dim)
+    op = curvature(state, params, blocks, max_factor_dim)
+    return op._with_fallback(_fallback_moments(loss_fn, params, batches, blocks)) if outside else op
+
+
+def _fallback_moments(loss_fn, params, batches, blocks) -> dict[str, jax.Array]:
+    """Per parameter in no block, the mean over the batches' examples of its squared
+    per-example gradient."""
+
+    @jax.jit
+    def sums(params, *batch):
+        grads = per_example_grads(loss_fn, params, *batch, chunk_size=256)
+        leaves = _blocks.fallback_leaves(grads, blocks)
+        return {path: jnp.sum(g**2, axis=0) for path, g in leaves.items()}, len(batch[0])
+
+    totals, n = None, 0
+    for batch in batches:
+        part, size = sums(params, *batch)
+        totals = part if totals is None else jax.tree.map(jnp.add, totals, part)
+        n += size
+    return {path: total / n for path, total in totals.items()}

@@ -98,6 +98,14 @@ class Curvature:
     def tree_unflatten(cls, aux, children):
         return cls(*children, *aux)
 
+    def _with_fallback(self, scalings: Mapping[str, jax.Array]) -> "Curvature":
+        """This curvature with the fallback parameters' diagonals replaced by ``scalings``."""
+        fallback = {
+            path: BlockCurvature(None, None, scalings[path].astype(block.scalings.dtype))
+            for path, block in self.fallback.items()
+        }
+        return Curvature(self.blocks, fallback, self._specs, self._template)
+
     # --- Parameter pytrees and block matrices --------------------------------------------------
 
     def _check_vector(self, v: Any, where: str) -> Any:

@@ -9,6 +9,7 @@ of ``eigh`` over separated spectra, measured below ``1e-12``); a wrong weighting
 or of the labels is off by ``1e-2`` or more (checked against the empirical Fisher).
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,3 +210,39 @@ def test_bad_fit_input_fails_clearly():
     exact = ek.TrueFisher(per_position, "gaussian", "exact")
     with pytest.raises(ValueError, match=r"outputs \(N, C\)"):
         exact.loss(problem.params, None, *problem.data)
+
+
+class Scaled(nn.Module):
+    """A Dense layer whose logits are shifted and scaled by parameters in no block."""
+
+    @nn.compact
+    def __call__(self, x):
+        offset = self.param("offset", nn.initializers.normal(0.1), (3,), jnp.float64)
+        temperature = self.param("temperature", nn.initializers.ones, (), jnp.float64)
+        return (nn.Dense(3, param_dtype=jnp.float64, name="head")(x) + offset) * temperature
+
+
+def test_fit_gives_parameters_in_no_block_their_mean_squared_gradients():
+    """The fallback's diagonal is ``mean_n g_n²`` over every example of the batches (the
+    optimizer's running ``N ḡ²`` would be near zero at a trained model); a TrueFisher refuses
+    such parameters."""
+    model = Scaled()
+    x, y = ref.PROBLEMS["mlp"].data
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def loss_fn(params, x, y):
+        return ref.softmax_cross_entropy(model.apply({"params": params}, x), y)
+
+    blocks = ek.find_blocks(loss_fn, params, x, y)
+    assert set(blocks) == {"head"}
+    op = ek.fit_curvature(loss_fn, params, split((x, y)), blocks)
+    per_example = ref.per_example_grads(loss_fn, params, x, y)
+    diagonal = op.diagonal()
+    for name in ("offset", "temperature"):
+        expected = np.mean(np.asarray(per_example[name]) ** 2, axis=0)
+        np.testing.assert_allclose(diagonal[name], expected, rtol=1e-10)
+        mean_squared = len(x) * np.mean(np.asarray(per_example[name]), axis=0) ** 2
+        assert ref.relative_error(expected, mean_squared) > 1e-2  # not the optimizer's N ḡ²
+    fisher = ek.TrueFisher(lambda p, x, y: model.apply({"params": p}, x))
+    with pytest.raises(ValueError, match="every parameter needs a block"):
+        ek.fit_curvature(loss_fn, params, [(x, y)], blocks, fisher=fisher, key=jax.random.key(0))
