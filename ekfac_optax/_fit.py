@@ -55,7 +55,7 @@ def fit_curvature(
     Args:
       loss_fn: ``(params, *batch) -> ()`` the MEAN loss of a batch (as for
         :func:`value_grad_and_stats`); its labels give the empirical Fisher.
-      params: the trained parameters.
+      params: the trained parameters (or an NNX model, then ``loss_fn(model, *batch)``).
       batches: the dataset as a sequence of batches (tuples of arrays with a leading axis,
         sizes may differ; each is read once per pass).
       blocks: ``ek.find_blocks(loss_fn, params, *batches[0])``, or a subset.
@@ -133,12 +133,14 @@ def fit_curvature(
         def statistics(params, key, *batch):
             return capture(params, key, *batch)
 
+    arrays = _blocks.as_arrays(params)  # an NNX model's nnx.Param state; linen params as they are
+
     @jax.jit
     def step(params, state, key, *batch):
         _, grads, stats = statistics(params, key, *batch)
-        return tx.update(grads, state, params, stats=stats)[1]
+        return tx.update(_blocks.as_arrays(grads), state, arrays, stats=stats)[1]
 
-    state = tx.init(params)
+    state = tx.init(arrays)
     for p in range(passes):
         for i, batch in enumerate(batches):
             sub = None if key is None else jax.random.fold_in(key, p * len(batches) + i)
@@ -154,7 +156,7 @@ def _fallback_moments(loss_fn, params, batches, blocks) -> dict[str, jax.Array]:
     @jax.jit
     def sums(params, *batch):
         grads = per_example_grads(loss_fn, params, *batch, chunk_size=256)
-        leaves = _blocks.fallback_leaves(grads, blocks)
+        leaves = _blocks.fallback_leaves(_blocks.as_arrays(grads), blocks)
         return {path: jnp.sum(g**2, axis=0) for path, g in leaves.items()}, len(batch[0])
 
     totals, n = None, 0

@@ -28,7 +28,8 @@ def per_example_grads(
 
     Args:
       loss_fn: ``(params, *args) -> ()`` mean loss of a batch.
-      params: the parameters (a pytree of arrays).
+      params: the parameters (a pytree of arrays), or an NNX model for ``loss_fn(model, ...)``
+        (the result then has the model's structure).
       *args: the batch, arrays with a leading axis ``N`` (inputs, labels, ...).
       chunk_size: compute this many examples at a time (``jax.lax.map``), so that memory grows
         with ``chunk_size`` and not ``N`` in the backward passes; ``None``: all at once

@@ -458,3 +458,21 @@ def test_nnx_multi_head_attention_is_covered_and_trains():
 
     losses = [float(step(model, optimizer, ids, targets)) for _ in range(5)]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+def test_nnx_fit_curvature_and_influence_equal_the_linen_twins():
+    """``ek.fit_curvature``, ``ek.per_example_grads`` and ``ek.influence`` take the NNX model in
+    place of the params and give its linen twin's numbers (vectors as ``nnx.State``)."""
+    linen, model, params, batch = twins("mlp")
+    linen_loss = classifier_loss(linen)
+    blocks = ek.find_blocks(linen_loss, params, *batch)
+    batches = [tuple(a[:20] for a in batch), tuple(a[20:] for a in batch)]
+    expected = ek.fit_curvature(linen_loss, params, batches, blocks)
+    op = ek.fit_curvature(nnx_loss, model, batches, blocks)
+    np.testing.assert_allclose(op.trace(), expected.trace(), rtol=1e-10)
+    grads = ek.per_example_grads(nnx_loss, model, *batch)
+    linen_grads = ek.per_example_grads(linen_loss, params, *batch)
+    scores = ek.influence(op, grads, grads, 1e-3)
+    np.testing.assert_allclose(
+        scores, ek.influence(expected, linen_grads, linen_grads, 1e-3), rtol=1e-8
+    )
