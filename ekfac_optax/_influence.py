@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ekfac_optax._operator import Curvature
+from ekfac_optax.kinds import _blocks
 
 
 def per_example_grads(
@@ -68,12 +69,6 @@ def per_example_grads(
     return jax.lax.map(one, args, batch_size=chunk_size)
 
 
-def _flat(tree: Any, dtype) -> jax.Array:
-    """A stack of pytrees (leading axis ``K``) as a ``(K, P)`` matrix."""
-    leaves = jax.tree.leaves(tree)
-    return jnp.concatenate([x.reshape(x.shape[0], -1).astype(dtype) for x in leaves], axis=1)
-
-
 def influence(
     op: Curvature, train_grads: Any, query_grads: Any, damping: jax.typing.ArrayLike
 ) -> jax.Array:
@@ -84,8 +79,9 @@ def influence(
     the loss's Hessian), ``-g_qᵀ (F̂ + λI)⁻¹ g_m / M`` is the first-order change of the query's
     loss when the training example ``m`` is up-weighted by ``1/M`` (Koh & Liang): large scores
     are the training examples that most support the query's prediction. Only the ``Q`` queries
-    are solved for (``Q`` applications of :meth:`Curvature.solve`), then one ``(Q, P) x (P, M)``
-    product, at full float32 (or float64) precision.
+    are solved for (``Q`` applications of :meth:`Curvature.solve`), then a ``(Q, P_i) x (P_i, M)``
+    product per parameter, summed, at full float32 (or float64) precision (no copy of the
+    training gradients).
 
     Args:
       op: the curvature, from :func:`curvature`.
@@ -99,8 +95,13 @@ def influence(
     """
     with jax.default_matmul_precision("highest"):
         solved = jax.vmap(lambda q: op.solve(q, damping))(query_grads)
-        dtype = jnp.result_type(jnp.float32, *jax.tree.leaves(solved))
-        return _flat(solved, dtype) @ _flat(train_grads, dtype).T
+        train = jax.tree.leaves(_blocks.as_arrays(train_grads))
+        dtype = jnp.result_type(jnp.float32, *jax.tree.leaves(solved), *train)
+        pairs = zip(jax.tree.leaves(_blocks.as_arrays(solved)), train, strict=True)
+        return sum(
+            jnp.einsum("q...,m...->qm", q.astype(dtype), m.astype(dtype), precision="highest")
+            for q, m in pairs
+        )
 
 
 def self_influence(
