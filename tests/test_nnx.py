@@ -476,3 +476,21 @@ def test_nnx_fit_curvature_and_influence_equal_the_linen_twins():
     np.testing.assert_allclose(
         scores, ek.influence(expected, linen_grads, linen_grads, 1e-3), rtol=1e-8
     )
+
+
+def test_nnx_true_fisher_statistics_equal_the_linen_twins():
+    """``value_grad_and_stats(loss, fisher=TrueFisher(...))`` on the NNX model: its loss and
+    ``nnx.Param`` gradients, and the statistics of the labels drawn with the same key as its
+    linen twin's."""
+    linen, model, params, batch = twins("mlp")
+    key = jax.random.key(7)
+    fisher = ek.TrueFisher(lambda m, x, y: m(x))
+    value, grads, stats = ek.value_grad_and_stats(nnx_loss, fisher=fisher)(
+        model, *batch, fisher_key=key
+    )
+    assert isinstance(grads, nnx.State)
+    linen_fisher = ek.TrueFisher(lambda p, x, y: linen.apply({"params": p}, x))
+    expected = ek.value_grad_and_stats(classifier_loss(linen), fisher=linen_fisher)(
+        params, *batch, fisher_key=key
+    )
+    assert_trees_close((value, nnx.to_pure_dict(grads), stats), expected, "true Fisher")

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import nnx
 
 from ekfac_optax.capture import _fisher, _nnx, _probes
 from ekfac_optax.capture._stats import LayerStats
@@ -200,8 +201,9 @@ def value_grad_and_stats(
       fisher: ``None``: the statistics of ``loss_fn`` itself, with the dataset's labels (the
         empirical Fisher); an :class:`ekfac_optax.TrueFisher` (``samples=1``): the statistics
         of its loss, labels drawn from the model's predictive distribution with the key
-        ``f(..., fisher_key=key)`` (the true Fisher; one more forward and backward pass),
-        while ``value`` and ``grads`` stay those of ``loss_fn``.
+        ``f(..., fisher_key=key)`` (the true Fisher; one more forward and backward pass: a
+        model whose forward pass updates state, such as a training BatchNorm, updates it
+        twice), while ``value`` and ``grads`` stay those of ``loss_fn``.
 
     Returns:
       ``f(params, *args, **kwargs) -> (value, grads, stats)``, where ``value``
@@ -277,9 +279,13 @@ def _with_true_fisher(loss_fn, has_aux, layers, fisher: _fisher.TrueFisher):
     capture = value_grad_and_stats(functools.partial(fisher.loss, repeats=1), layers=layers)
 
     def f(params, *args, fisher_key, **kwargs):
-        if _kinds.is_nnx(params):
-            raise TypeError("value_grad_and_stats: fisher= works with linen params, not NNX yet")
-        value, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, *args, **kwargs)
+        if _kinds.is_nnx(params):  # the model's nnx.Param gradients; its state written back
+            grad_fn = nnx.value_and_grad(
+                loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=has_aux
+            )
+            value, grads = grad_fn(params, *args, **kwargs)
+        else:
+            value, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, *args, **kwargs)
         _, _, stats = capture(params, fisher_key, *args)
         return value, grads, stats
 
