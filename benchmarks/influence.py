@@ -11,6 +11,9 @@ the curvature of their empirical Fisher on ``M`` training examples, and the scor
 - **KFAC**: the same with ``method="kfac"`` (``T A ⊗ B``, one pass);
 - **dense**: the ``P x P`` empirical Fisher ``Gᵀ G / M`` of the per-example gradients ``G``, and
   ``jnp.linalg.solve`` for the ``Q`` queries (the exact scores, where ``P²`` fits in memory);
+- **dense per layer**: the same without the blocks between layers (the best a block-diagonal
+  curvature such as EKFAC's can do; it tells the Kronecker factorisation's error from the
+  block-diagonal one's);
 - **CG**: ``jax.scipy.sparse.linalg.cg`` on the Fisher-vector product ``Gᵀ(G v) / M`` (matrix-free
   but holding ``G``), one solve per query (``jax.vmap``), at most ``--cg-iters`` iterations.
 
@@ -228,6 +231,29 @@ def measure(name, model, size, args, log) -> list[dict]:
         fisher.nbytes,
         temp_bytes(dense_scores, fisher, gq, g, dampings[0]),
     )
+    # Dense per layer: the exact curvature without its cross-layer blocks (what a block-diagonal
+    # method such as EKFAC can reach at best); a layer's parameters are consecutive in `flat`.
+    sizes = [sum(x.size for x in jax.tree.leaves(layer)) for layer in params.values()]
+    bounds = list(zip(np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes), strict=True))
+
+    def per_layer_scores(fisher, gq, g, damping):
+        total = 0.0
+        for a, b in bounds:
+            eye = jnp.eye(b - a)
+            solved = jnp.linalg.solve(fisher[a:b, a:b] + damping * eye, gq[:, a:b].T).T
+            total = total + solved @ g[:, a:b].T
+        return total
+
+    per_layer = jax.jit(per_layer_scores)
+    _, per_layer_score = timed(per_layer, fisher, gq, g, dampings[0])
+    row(
+        "dense per layer (block-diagonal)",
+        lambda d: per_layer(fisher, gq, g, d),
+        dense_fit,
+        per_layer_score,
+        sum((b - a) ** 2 for a, b in bounds) * fisher.dtype.itemsize,
+        temp_bytes(per_layer_scores, fisher, gq, g, dampings[0]),
+    )
     _, cg_score = timed(cg_jit, g, gq, dampings[0])
     row(
         f"CG ({args.cg_iters} iterations)",
@@ -254,7 +280,8 @@ def report(rows, args, command) -> str:
         f"`λ = k x` its mean eigenvalue `tr F / P`, `k` in {', '.join(ks)} (times and memory at "
         f"k = {ks[0]}, kronfluence's choice). Seconds after one compilation, except the fits: "
         "one call of `ek.fit_curvature`, which compiles its jitted step on every call; `held`: "
-        "what the method keeps (EKFAC/KFAC: the operator; dense: the P x P Fisher; CG: the "
+        "what the method keeps (EKFAC/KFAC: the operator; dense: the P x P Fisher, per layer its "
+        "diagonal blocks; CG: the "
         "per-example gradients G); `temp`: XLA's temporary bytes for the compiled scoring. "
         "The per-example gradients, which every method needs, took `grads` seconds.",
         "",

@@ -15,7 +15,8 @@ def test_influence_quick_writes_every_method_for_both_models(tmp_path):
     influence.main(["--quick", "--out", str(tmp_path)])
     with open(tmp_path / "influence_quick.csv") as f:
         rows = list(csv.DictReader(f))
-    methods = ["EKFAC", "KFAC", "dense", "CG (10 iterations)", "gradient dot product"]
+    methods = ["EKFAC", "KFAC", "dense", "dense per layer (block-diagonal)"]
+    methods += ["CG (10 iterations)", "gradient dot product"]
     assert [(r["model"], r["method"]) for r in rows] == [
         (model, method) for model in ("MLP", "CNN") for method in methods
     ]
