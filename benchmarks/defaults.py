@@ -21,8 +21,9 @@ the 2-D weights, Adam on the rest; KFE-Adam ``b1=0.9``,
 ``norm_constraint=1e-3`` (``ek.clip_by_fisher_norm``: each step's squared norm in the
 preconditioner's curvature at most 1e-3, Ba et al.'s KL clipping); basis every 20 steps; the
 grafted ones ``ek.graft(optax.scale_by_adam(), ...)`` with AdamW's weight decay
-1e-4, so that their learning rate is Adam's; "factors every 10": ``factor_update_every=10``,
-this batch's factors averaged in on every tenth step only), the runs of all methods
+1e-4, so that their learning rate is Adam's ("basis every 10": ``basis_update_every=10``;
+"factors every 10": ``factor_update_every=10``, this batch's factors averaged in on every tenth
+step only), the runs of all methods
 alternating step by step in one process (so that the machine's noise spreads over all of
 them); each run sees the same batches from the same initial parameters.
 
@@ -67,6 +68,7 @@ WINDOW = 10  # steps of the running mean
 STEPS_GOAL = 0.6  # issue 30: AdamW's best final loss in <= 0.6x its steps
 NORM = 1e-3  # norm_constraint (ek.clip_by_fisher_norm): Ba et al.'s KL-clipping bound
 FACTORS_EVERY = 10  # factor_update_every of the amortized grafted EKFAC-ra (issue 32's f10)
+BASIS_EVERY = 10  # basis_update_every of the grafted EKFAC-ra refreshed twice as often
 
 
 def grafted(direction: Callable) -> Callable:
@@ -119,6 +121,10 @@ METHODS = {
     ),
     "KFAC (norm 1e-3)": (LRS, lambda lr, blocks: ek.kfac(lr, blocks=blocks, norm_constraint=NORM)),
     "Adam-grafted EKFAC-ra (relative 0.1)": (LRS, grafted(relative_ekfac_ra)),
+    "Adam-grafted EKFAC-ra (relative 0.1; basis every 10)": (
+        LRS,
+        grafted(lambda blocks: relative_ekfac_ra(blocks, basis_update_every=BASIS_EVERY)),
+    ),
     "Adam-grafted EKFAC-ra (relative 0.1; factors every 10)": (
         LRS,
         grafted(lambda blocks: relative_ekfac_ra(blocks, factor_update_every=FACTORS_EVERY)),
