@@ -76,17 +76,27 @@ def fit_curvature(
         ``fisher`` with parameters in no block.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      Two batches give the curvature of their union; the true Fisher enumerates the labels.
+
+      >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
       >>> import ekfac_optax as ek
-      >>> model = nn.Dense(2)
-      >>> x = jnp.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [-1.0, 0.5]])
-      >>> params = model.init(jax.random.key(0), x)["params"]
-      >>> def loss_fn(params, x):
-      ...     return jnp.mean(model.apply({"params": params}, x) ** 2)
-      >>> blocks = ek.find_blocks(loss_fn, params, x)
-      >>> op = ek.fit_curvature(loss_fn, params, [(x[:3],), (x[3:],)], blocks)
-      >>> whole = ek.fit_curvature(loss_fn, params, [(x,)], blocks)  # one batch of all four
+      >>> classifier = nn.Dense(3)
+      >>> x, y = jax.random.normal(jax.random.key(1), (8, 4)), jnp.arange(8) % 3
+      >>> params = classifier.init(jax.random.key(0), x)["params"]
+      >>> def predict(params, x, y):
+      ...     return classifier.apply({"params": params}, x)
+      >>> def loss_fn(params, x, y):
+      ...     logits = predict(params, x, y)
+      ...     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      >>> blocks = ek.find_blocks(loss_fn, params, x, y)
+      >>> halves = [(x[:5], y[:5]), (x[5:], y[5:])]
+      >>> op = ek.fit_curvature(loss_fn, params, halves, blocks)
+      >>> whole = ek.fit_curvature(loss_fn, params, [(x, y)], blocks)
       >>> bool(jnp.allclose(op.trace(), whole.trace()))
+      True
+      >>> fisher = ek.TrueFisher(predict, "categorical", samples="exact")
+      >>> true = ek.fit_curvature(loss_fn, params, halves, blocks, fisher=fisher)
+      >>> bool(true.trace() > 0)
       True
     """
     batches = list(batches)
