@@ -46,8 +46,8 @@ def assert_operator_is(op, params, fishers: dict, seed: int = 0):
         assert ref.relative_error(ref.block_matrix(diagonal[path]), expected) < RTOL, path
 
 
-@pytest.mark.parametrize("method", ["ekfac", "kfac"])
-@pytest.mark.parametrize("name", ["mlp", "sequence"])
+# KFAC on the sequence problem runs the same accumulation as on the MLP (left out: 15 s).
+@pytest.mark.parametrize("name, method", [("mlp", "ekfac"), ("mlp", "kfac"), ("sequence", "ekfac")])
 def test_fit_over_batches_is_the_curvature_of_their_union(name, method):
     """Batches of 10, 8 and 6 examples: the factors, the eigenbasis and ``s*`` of the 24
     examples together (each example weighted once, not each batch)."""
@@ -129,28 +129,30 @@ def test_exact_true_fisher_fit_equals_the_enumerated_expectation(distribution):
 
 
 def test_sampled_true_fisher_is_reproducible_and_near_its_expectation():
-    """Drawn labels: the same key gives the same fit, another key another one; 64 draws per
-    example (1536 in all) give a trace within 10% of the enumerated expectation's (the Monte
-    Carlo error of a mean of 1536 draws is a few percent here)."""
+    """Drawn labels: the same key draws the same labels (the loss, hence the fit, is the same),
+    another key others; 64 draws per example (1536 in all) give a fit whose trace is within 10%
+    of the enumerated expectation's (the Monte Carlo error of a mean of 1536 draws is a few
+    percent here)."""
     problem = ref.PROBLEMS["mlp"]
 
     def predict(params, x, y):
         return problem.model.apply({"params": params}, x)
 
+    once = ek.TrueFisher(predict)
+    losses = [once.loss(problem.params, jax.random.key(k), *problem.data) for k in (0, 0, 1)]
+    assert losses[0] == losses[1] != losses[2]
     blocks = ek.find_blocks(problem.loss_fn, problem.params, *problem.data)
-    batches = split(problem.data)
-
-    def fit(samples, key):
-        fisher = ek.TrueFisher(predict, "categorical", samples=samples)
-        return ek.fit_curvature(
-            problem.loss_fn, problem.params, batches, blocks, fisher=fisher, key=key
-        )
-
-    once = fit(1, jax.random.key(0)).trace()
-    assert fit(1, jax.random.key(0)).trace() == once
-    assert fit(1, jax.random.key(1)).trace() != once
+    fisher = ek.TrueFisher(predict, "categorical", samples=64)
+    op = ek.fit_curvature(
+        problem.loss_fn,
+        problem.params,
+        split(problem.data),
+        blocks,
+        fisher=fisher,
+        key=jax.random.key(2),
+    )
     exact = sum(np.trace(f) for f in exact_true_fisher(problem, "categorical").values())
-    np.testing.assert_allclose(fit(64, jax.random.key(2)).trace(), exact, rtol=0.1)
+    np.testing.assert_allclose(op.trace(), exact, rtol=0.1)
 
 
 def test_true_fisher_statistics_for_the_optimizer():
