@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ekfac_optax._norm_constraint import inner_product
 from ekfac_optax._operator import Curvature
 from ekfac_optax.kinds import _blocks
 
@@ -122,10 +123,7 @@ def self_influence(
     """
 
     def one(g):
-        solved = op.solve(g, damping)
-        dtype = jnp.result_type(jnp.float32, *jax.tree.leaves(solved))
-        pairs = zip(jax.tree.leaves(g), jax.tree.leaves(solved), strict=True)
-        return sum(jnp.vdot(a.astype(dtype), b.astype(dtype)) for a, b in pairs)
+        return inner_product(_blocks.as_arrays(g), op.solve(g, damping))
 
     with jax.default_matmul_precision("highest"):
         if chunk_size is None:

@@ -25,7 +25,7 @@ class ClipByFisherNormState(NamedTuple):
     preconditioner: optax.OptState
 
 
-def _inner_product(a, b) -> jax.Array:
+def inner_product(a, b) -> jax.Array:
     """``Σ aᵀb`` over the leaves of two pytrees, accumulated in at least float32."""
     total = jnp.zeros((), jnp.float32)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
@@ -101,7 +101,7 @@ def clip_by_fisher_norm(
             updates, state.preconditioner, params, **extra_args
         )
         eta = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        product = _inner_product(updates, direction)
+        product = inner_product(updates, direction)
         sq_norm = jnp.asarray(eta, product.dtype) ** 2 * product
         safe = jnp.where(sq_norm > 0, sq_norm, 1.0)
         coefficient = jnp.where(sq_norm > 0, jnp.minimum(1.0, jnp.sqrt(max_norm / safe)), 1.0)

@@ -219,9 +219,8 @@ class Curvature:
             s = block.scalings
             if isinstance(s, jax.core.Tracer):
                 return
-            cutoff = float(jnp.max(s)) * max(s.shape, default=1) * float(jnp.finfo(s.dtype).eps)
             smallest = float(jnp.min(s))
-            if not smallest > cutoff:
+            if not smallest > float(_scalings.pinv_cutoff(s)):
                 raise ValueError(
                     f"Curvature.{where}: with damping=0 the curvature must be regular, but it is "
                     f"singular on {path or '<root>'!r} (smallest scaling {smallest:.3g}, largest "

@@ -314,6 +314,13 @@ def diagonal_damped(scalings: jax.Array, damping, mode: DampingMode) -> jax.Arra
     return scalings + damping
 
 
+def pinv_cutoff(scalings: jax.Array) -> jax.Array:
+    """``max(s) · max(shape) · eps``: scalings at most this are zero up to round-off (as in
+    ``numpy.linalg.pinv``)."""
+    eps = jnp.finfo(scalings.dtype).eps
+    return jnp.max(scalings) * max(scalings.shape, default=1) * eps
+
+
 def divide(grad_kfe: jax.Array, denominator: jax.Array, damping) -> jax.Array:
     """``grad_kfe / denominator``; with ``damping = 0`` the pseudo-inverse.
 
@@ -322,9 +329,7 @@ def divide(grad_kfe: jax.Array, denominator: jax.Array, damping) -> jax.Array:
     ``max(denominator) · max(a, b) · eps`` count as zero, and those directions
     get no step. With ``damping > 0`` every direction is divided exactly.
     """
-    eps = jnp.finfo(denominator.dtype).eps
-    cutoff = jnp.max(denominator) * max(denominator.shape, default=1) * eps
-    tol = jnp.where(jnp.asarray(damping, denominator.dtype) == 0, cutoff, 0)
+    tol = jnp.where(jnp.asarray(damping, denominator.dtype) == 0, pinv_cutoff(denominator), 0)
     keep = denominator > tol
     return jnp.where(keep, grad_kfe / jnp.where(keep, denominator, 1), 0)
 
