@@ -48,3 +48,11 @@ def test_method_names_with_commas_are_split_by_known_names():
     assert defaults.split_methods(clipped) == [clipped]
     # An unknown name is kept as it is, for parse_args to refuse.
     assert defaults.split_methods("Adagrad,muon") == ["Adagrad", "muon"]
+
+
+def test_counting_losses_by_hand():
+    """Two tokens; the pair (0, 1) twice: first unseen (the unigram counts, one per token:
+    p = 1/2), then seen once (w = 1/2 of c(0, 1) / c(0) = 1, 1/2 of the unigram 2/3)."""
+    one = ([[0]], [[1]])
+    losses = defaults.counting_losses([one, one], vocab=2)
+    assert losses == pytest.approx([math.log(2), -math.log(0.5 * 2 / 3 + 0.5)], rel=1e-12)
