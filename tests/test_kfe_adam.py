@@ -11,9 +11,11 @@ references in float64.
   ``g̃ / (√ν̂ + eps)`` is most sensitive at coordinates with ``|g̃|`` near ``eps = 1e-8``, where
   the eigenbases' ``1e-16 / gap`` differences between numpy and JAX show most; a thin margin);
   KFE-Adam differs from plain Adam by far more (asserted).
-- A basis change re-projects the second moment: ``diag(Qᵀ M Q)`` of the old second-moment matrix
-  ``M`` in the new basis, checked against dense ``np.kron`` matrices; a refresh that finds the
-  same basis leaves the trajectory unchanged (a model whose factors do not change).
+- A basis change keeps what ``nu`` knows of each new eigenvector (the old second-moment matrix's
+  diagonal in the new basis, ``diag(Qᵀ M Q)``, weighted in log space by each new vector's
+  overlap with an old one) and takes the rest from KFAC's eigenvalues, checked against dense
+  ``np.kron`` matrices; a refresh that finds the same basis leaves the trajectory unchanged (a
+  model whose factors do not change).
 """
 
 import flax.linen as nn
@@ -123,28 +125,45 @@ def test_kfe_adam_is_adam_on_the_rotated_gradients_over_a_basis_period():
     assert type(state.blocks["hidden"].scalings).__name__ == "AdamSlot"
 
 
-def test_kfe_adam_basis_change_reprojects_the_second_moment():
-    """``nu`` after a basis change is the diagonal, in the new basis, of the old second-moment
-    matrix ``(U_A ⊗ U_B) diag(nu) (U_A ⊗ U_B)ᵀ`` (dense ``np.kron``); ``mu`` is unchanged; an
-    unchanged basis (up to the signs of its vectors) leaves ``nu`` exactly as it was."""
-    from ekfac_optax.curvature import _scalings
+def test_kfe_adam_basis_change_keeps_what_it_knows_of_each_new_vector():
+    """``nu`` after a basis change is ``proj^w · prior^(1 - w)``, computed here from dense
+    ``np.kron`` matrices: ``proj`` the diagonal, in the new basis, of the old second-moment
+    matrix ``(U_A ⊗ U_B) diag(nu) (U_A ⊗ U_B)ᵀ``, ``w`` each new vector pair's largest squared
+    overlap with an old one, ``prior`` KFAC's eigenvalues scaled to ``nu``'s sum or the bias-
+    corrected first moment's square in the new basis, whichever is larger; ``mu`` is unchanged;
+    an unchanged basis (up to the signs of its vectors) leaves ``nu`` exactly as it was."""
+    from ekfac_optax.curvature import _eigenbasis, _scalings
 
     rng = np.random.default_rng(0)
-    a, b = 4, 3
+    a, b, count = 4, 3, 5
     old = [np.linalg.qr(rng.normal(size=(d, d)))[0] for d in (a, b)]
     new = [np.linalg.qr(rng.normal(size=(d, d)))[0] for d in (a, b)]
-    slot = _scalings.AdamSlot(jnp.asarray(rng.normal(size=(a, b))), jnp.asarray(rng.random((a, b))))
+    mu, nu, kfac = rng.normal(size=(a, b)), rng.random((a, b)) * 1e-3, rng.random((a, b))
+    slot = _scalings.AdamSlot(jnp.asarray(mu), jnp.asarray(nu))
     rule = _scalings.AdamScaling()
-    out = rule.restart(slot, None, old[0].T @ new[0], old[1].T @ new[1])
+
+    def change(rotations, basis):
+        def to_kfe(m):
+            return _eigenbasis.to_eigenbasis(m, *(jnp.asarray(u) for u in basis))
+
+        return _scalings.BasisChange(jnp.asarray(kfac), *rotations, to_kfe, jnp.asarray(count))
+
+    rotations = [jnp.asarray(o.T @ n) for o, n in zip(old, new, strict=True)]
+    out = rule.restart(slot, change(rotations, new))
     old_kron, new_kron = np.kron(*old), np.kron(*new)
-    second = old_kron @ np.diag(np.asarray(slot.nu).ravel()) @ old_kron.T
-    expected = np.diag(new_kron.T @ second @ new_kron).reshape(a, b)
-    np.testing.assert_allclose(out.nu, expected, rtol=1e-12)
+    second = old_kron @ np.diag(nu.ravel()) @ old_kron.T
+    proj = np.diag(new_kron.T @ second @ new_kron).reshape(a, b)
+    w = np.outer(*((np.asarray(r) ** 2).max(axis=0) for r in rotations))
+    first = (new_kron.T @ mu.ravel()).reshape(a, b) / (1 - 0.9**count)
+    prior = np.maximum(kfac * nu.sum() / kfac.sum(), first**2 * (1 - 0.999**count))
+    np.testing.assert_allclose(out.nu, proj**w * prior ** (1 - w), rtol=1e-12)
     np.testing.assert_array_equal(out.mu, slot.mu)
+    assert ref.relative_error(np.asarray(out.nu), proj) > 1e-2  # the prior counts
     signs = [np.diag(rng.choice([-1.0, 1.0], d)) for d in (a, b)]
-    same = rule.restart(slot, None, *(o.T @ (o @ s) for o, s in zip(old, signs, strict=True)))
+    flipped = [o @ s for o, s in zip(old, signs, strict=True)]
+    same_rotations = [jnp.asarray(o.T @ f) for o, f in zip(old, flipped, strict=True)]
+    same = rule.restart(slot, change(same_rotations, flipped))
     np.testing.assert_allclose(same.nu, slot.nu, rtol=1e-14)
-    assert ref.relative_error(np.asarray(out.nu), np.asarray(slot.nu)) > 1e-2
 
 
 class LinearLoss(nn.Module):

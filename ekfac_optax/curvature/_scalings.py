@@ -358,6 +358,24 @@ class Context(NamedTuple):
     to_kfe: Callable[[jax.Array], jax.Array]
 
 
+class BasisChange(NamedTuple):
+    """What a rule may read when a block's basis changes (:meth:`ScalingRule.restart`).
+
+    Attributes:
+      kfac: KFAC's eigenvalues in the new basis, ``T · S_A ⊗ S_B`` (:func:`kfac_scalings`).
+      rotation_a: ``U_oldᵀ U_new`` of the input side (``None``: a side kept diagonal).
+      rotation_b: the same of the output side.
+      to_kfe: ``M -> U_newᵀ M U_new``, a matrix in the block's coordinates into the new KFE.
+      count: the number of updates applied before this one.
+    """
+
+    kfac: jax.Array
+    rotation_a: jax.Array | None
+    rotation_b: jax.Array | None
+    to_kfe: Callable[[jax.Array], jax.Array]
+    count: jax.Array
+
+
 def _identity(x):
     return x
 
@@ -406,12 +424,11 @@ class ScalingRule:
         it): by default the scalings, whose inf gives a zero update."""
         return slot
 
-    def restart(self, slot: Any, kfac: jax.Array, rotation_a, rotation_b) -> Any:
-        """The slot after a basis change, from KFAC's eigenvalues in the new basis (the
-        scalings of the old basis mean nothing in the new one); ``rotation_a``/``_b`` are
-        ``U_oldᵀ U_new`` of each side (``None``: a side kept diagonal)."""
-        del slot, rotation_a, rotation_b
-        return kfac
+    def restart(self, slot: Any, change: BasisChange) -> Any:
+        """The slot after a basis change: by default KFAC's eigenvalues in the new basis,
+        ``change.kfac`` (the scalings of the old basis mean nothing in the new one)."""
+        del slot
+        return change.kfac
 
     def kfe(self, s: jax.Array, context: Context) -> jax.Array:
         """The scalings of a Kronecker or embedding block this step."""
@@ -527,10 +544,20 @@ class AdamScaling(ScalingRule):
     (1 - b1^k)`` and ``ν̂ = nu / (1 - b2^k)``. Since ``mu`` is linear in the gradients, ``m̃`` is
     the average of the rotated gradients: between basis changes this is exactly ``optax.adam``
     on ``g̃``. At a basis change ``mu`` needs nothing (it lives in the block's coordinates, as
-    SOAP keeps its first moment) and ``nu`` is re-projected: ``nu_new = (R_A²)ᵀ nu_old R_B²``
-    with ``R = U_oldᵀ U_new`` squared elementwise, the diagonal of the old second-moment matrix
-    ``U_old diag(nu_old) U_oldᵀ`` in the new basis: the best diagonal there, positive, of the same
-    trace, and exactly ``nu_old`` for an unchanged basis (signs of eigenvectors included). Diagonal
+    SOAP keeps its first moment). ``nu`` keeps what it knows of each new eigenvector and takes the
+    rest from the new basis: with ``R = U_oldᵀ U_new`` (squared elementwise) and ``w`` the product
+    over the two sides of each new vector's largest ``R²`` (1 for a vector that was already one,
+    signs included; about ``1/d`` for one unrelated to all), ``nu_new = proj^w · prior^(1 - w)``
+    (elementwise: an interpolation of scales, in log space), where ``proj = (R_A²)ᵀ nu_old R_B²``
+    is the diagonal of the old second-moment matrix ``U_old diag(nu_old) U_oldᵀ`` in the new basis
+    and ``prior`` is KFAC's eigenvalues scaled to ``nu_old``'s sum, at least the new basis's
+    squared first moment (``E[g̃²] >= E[g̃]²``, bias corrections respected). So an unchanged
+    basis leaves ``nu`` (and the trajectory) as it was, while a new vector unrelated to the old
+    ones (typically of small curvature, where eigenvalues crowd and eigenvectors turn freely
+    between refreshes) takes the prior: ``proj`` there averages in the old basis's largest
+    moments, many orders of magnitude above the direction's own, and would shrink Adam's steps
+    along it for about ``1 / (1 - b2)`` updates (with ``proj`` alone, KFE-Adam on the 28x28
+    auto-encoder of ``benchmarks/defaults.py`` stalled from the first refresh on). Diagonal
     blocks and the fallback run plain Adam on their coordinates."""
 
     b1: Any = 0.9
@@ -575,11 +602,28 @@ class AdamScaling(ScalingRule):
         # update is); nu's inf (an overflowing g̃²) would give a zero update.
         return slot.nu
 
-    def restart(self, slot, kfac, rotation_a, rotation_b):
-        del kfac
-        nu = slot.nu
-        if rotation_a is not None:
-            nu = (rotation_a**2).T @ nu
-        if rotation_b is not None:
-            nu = nu @ rotation_b**2
-        return AdamSlot(slot.mu, nu)
+    def restart(self, slot, change):
+        nu, dtype = slot.nu, slot.nu.dtype
+        kept = jnp.ones((), dtype)  # w: how much of each new vector is one of the old ones
+        for axis, rotation in ((0, change.rotation_a), (1, change.rotation_b)):
+            if rotation is None:
+                continue
+            squared = (rotation**2).astype(dtype)
+            nu = squared.T @ nu if axis == 0 else nu @ squared
+            overlap = jnp.clip(jnp.max(squared, axis=0), 0, 1)
+            kept = kept * (overlap[:, None] if axis == 0 else overlap[None, :])
+        return AdamSlot(slot.mu, self._prior(slot, change) ** (1 - kept) * nu**kept)
+
+    def _prior(self, slot, change):
+        """The second moment a new eigenvector gets from the new basis alone, in the stored
+        (not bias-corrected) units: KFAC's eigenvalues scaled to the old moments' sum, and
+        at least the first moment's square there (``E[g̃²] >= E[g̃]²``)."""
+        dtype = slot.nu.dtype
+        k = jnp.asarray(change.count, dtype)
+        b1, b2 = jnp.asarray(self.b1, dtype), jnp.asarray(self.b2, dtype)
+        kfac = change.kfac.astype(dtype)
+        total = jnp.sum(kfac)
+        shaped = kfac * (jnp.sum(slot.nu) / jnp.where(total > 0, total, 1))
+        first = change.to_kfe(slot.mu) / jnp.where(k > 0, 1 - b1**k, 1)
+        # At least the smallest normal number: 0 ** (1 - w) is 0 for a w short of 1 by round-off.
+        return jnp.maximum(jnp.maximum(shaped, first**2 * (1 - b2**k)), jnp.finfo(dtype).tiny)

@@ -79,7 +79,7 @@ def _positions(spec, h, config: Config) -> int:
     return h.shape[-1] if spec.block == "embed" else h.shape[-2]
 
 
-def new_bases(specs, blocks, h, mesh, config: Config):
+def new_bases(specs, blocks, h, mesh, config: Config, count):
     """Stage 2: the eigenbases of the factors; the scalings restart from KFAC's eigenvalues.
 
     A side kept diagonal (``spec.diagonal_a``/``diagonal_b``: an embedding's input side, a side
@@ -113,11 +113,16 @@ def new_bases(specs, blocks, h, mesh, config: Config):
             slot, eigvals_a, eigvals_b, old_a, basis_a, old_b, basis_b, positions=positions
         ):
             kfac = _scalings.kfac_scalings(eigvals_a, eigvals_b, positions)
-            rotations = [
+            rotation_a, rotation_b = (
                 None if new is None else old.T @ new
                 for old, new in ((old_a, basis_a), (old_b, basis_b))
-            ]
-            return config.rule.restart(slot, kfac, *rotations)
+            )
+
+            def to_kfe(matrix):
+                return _eigenbasis.to_eigenbasis(matrix, basis_a, basis_b)
+
+            change = _scalings.BasisChange(kfac, rotation_a, rotation_b, to_kfe, count)
+            return config.rule.restart(slot, change)
 
         new = dict(eigvals_a=eigvals_a, eigvals_b=eigvals_b, basis_b=basis_b)
         if spec.block == "kronecker":

@@ -153,7 +153,7 @@ def layer_factors(batch: Batch, config: _stages.Config) -> dict[str, Any]:
 
 def basis(batch: Batch, blocks: Mapping[str, Any], mesh, config: _stages.Config) -> dict:
     """Stage 3: the groups' states with the eigenbases of their factors (``_stages.new_bases``)."""
-    return _stages.new_bases(batch.group_specs, blocks, batch.h, mesh, config)
+    return _stages.new_bases(batch.group_specs, blocks, batch.h, mesh, config, batch.count)
 
 
 def precondition(batch: Batch, blocks: Mapping[str, Any], config: _stages.Config):

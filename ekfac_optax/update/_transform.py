@@ -497,9 +497,13 @@ def scale_by_kfe_adam(
     paper's proposed future work (Adam/RMSProp in the KFE), and SOAP's update with the KFE of the
     layer's activations and back-propagated gradients in place of Shampoo's gradient
     statistics. At a basis change ``mu`` (kept in the layer's own coordinates) is unchanged and
-    ``nu`` is re-projected onto the new basis: ``nu ← (R_A²)ᵀ nu R_B²`` with ``R = U_oldᵀ U_new``
-    squared elementwise, the diagonal of the old second-moment matrix in the new basis (exact
-    for an unchanged basis, so a refresh that finds the same basis changes nothing). An
+    ``nu`` keeps what it knows of each new eigenvector: ``nu ← proj^w · prior^(1 - w)`` with
+    ``proj = (R_A²)ᵀ nu R_B²`` (``R = U_oldᵀ U_new`` squared elementwise: the diagonal of the
+    old second-moment matrix in the new basis), ``w`` each new vector's largest ``R²`` (1 for
+    an unchanged vector, so a refresh that finds the same basis changes nothing) and ``prior``
+    KFAC's eigenvalues scaled to ``nu``'s sum, at least the squared first moment; so a new
+    small-curvature direction does not inherit the old basis's largest moments (see
+    ``_scalings.AdamScaling``). An
     embedding's vocabulary side and sides above ``max_factor_dim`` have the identity basis;
     diagonal blocks (norm scales and shifts) and, with ``fallback="diagonal"``, every parameter
     in no block run plain Adam on their coordinates, so the whole model is one optimizer.
