@@ -270,6 +270,52 @@ def test_a_micro_step_runs_no_preconditioner_step():
     assert _count(real.jaxpr, "eigh") == 2 * 3  # both sides of the three Dense layers
 
 
+class EmbedMLP(nn.Module):
+    """A token embedding (factors on every update, also when the others' are amortized), mean
+    over the sequence, a Dense head."""
+
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(7, 2, param_dtype=jnp.float64)(ids)  # B: full rank (2 = classes - 1)
+        return nn.Dense(3, param_dtype=jnp.float64)(jnp.mean(x, axis=1))
+
+
+def test_micro_batches_with_amortized_factors_and_an_embedding():
+    """With ``factor_update_every=2``, the micro-steps add an embedding's factors on every real
+    step and the Dense head's on every other: the accumulated updates and states equal the
+    big-batch optimizer's (EKFAC-ra and KFE-Adam, exact)."""
+    model = EmbedMLP()
+    rng = np.random.default_rng(7)
+    batches = [
+        (jnp.asarray(rng.integers(0, 7, (sum(SIZES), 3))), jnp.asarray(rng.integers(0, 3, 12)))
+        for _ in range(4)
+    ]
+    params = init_params(model, batches[0][0], dtype=jnp.float64)
+
+    def loss_fn(params, ids, y):
+        logits = model.apply({"params": params}, ids)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    blocks = ek.find_blocks(loss_fn, params, *batches[0])
+    assert {s.block for s in blocks.values()} == {"embed", "kronecker"}
+    for make in (
+        lambda: ek.ekfac(0.02, blocks=blocks, scaling="running", factor_update_every=2),
+        lambda: ek.kfe_adam(1e-2, blocks=blocks, factor_update_every=2, eps=1e-4),
+    ):
+        big, accumulated = make(), ek.multi_steps(make(), len(SIZES))
+        big_step, micro_step = _steps(loss_fn, big, accumulated)
+        big_state, acc_state = big.init(params), accumulated.init(params)
+        p = params
+        for step, (x, y) in enumerate(batches):
+            expected, big_state = big_step(p, big_state, x, y)
+            for xm, ym in _micro_batches(x, y):
+                updates, acc_state = micro_step(p, acc_state, xm, ym)
+            assert_trees_close(updates, expected, f"step {step}", rtol=RTOL)
+            assert_trees_close(acc_state.inner_state, big_state, f"state {step}", rtol=RTOL)
+            p = optax.apply_updates(p, expected)
+            acc_state = acc_state._replace(inner_state=big_state)
+
+
 def test_an_accumulating_state_needs_micro_batch_stats():
     """The preconditioner's update called with an accumulating state but plain stats (not
     through ``multi_steps``) is a TypeError that says what it got."""

@@ -3,8 +3,10 @@ independent reference (``reference.py``): the factors average only the batches o
 ``0, m, 2m, ...`` (debiased by their number) and KFAC's update on a basis refresh is the dense
 solve with those factors."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 import reference
@@ -98,3 +100,81 @@ def test_factor_update_every_through_inject_hyperparams():
         for a, b in zip(jax.tree.leaves(u_plain), jax.tree.leaves(u_inj), strict=True):
             assert reference.relative_error(a, b) < 1e-12
         states = s_plain, s_inj
+
+
+VOCAB, WIDTH, LENGTH = 7, 3, 4
+
+
+class EmbedThenDense(nn.Module):
+    """A token embedding and a Dense head per position: an embedding block and a Kronecker one."""
+
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(VOCAB, WIDTH, param_dtype=jnp.float64, name="embed")(ids)
+        return nn.Dense(3, param_dtype=jnp.float64, name="head")(x)
+
+
+def _token_batch(seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, VOCAB, (5, LENGTH))
+    return jnp.asarray(ids), jnp.asarray(rng.integers(0, 3, (5, LENGTH)))
+
+
+def test_an_embeddings_factors_average_every_batch_the_others_every_mth():
+    """With ``factor_update_every=m`` an embedding's factors still average every batch (a batch
+    sees only some tokens: from every m-th batch alone a token of the others keeps a zero
+    frequency), debiased by the number of updates; a Dense block's average every m-th batch.
+    References computed here: the embedding's token frequencies and the head's ``E[h_aug
+    h_augᵀ]`` (``h`` the embedding's rows, the params fixed), their debiased averages; the
+    embedding's ``B`` equals that of ``factor_update_every=1`` on every update."""
+    model = EmbedThenDense()
+    batches = [_token_batch(seed) for seed in range(6)]
+    params = model.init(jax.random.key(0), batches[0][0])["params"]
+
+    def loss_fn(params, ids, labels):
+        logits = model.apply({"params": params}, ids)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    blocks = ek.find_blocks(loss_fn, params, *batches[0])
+    assert (blocks["embed"].block, blocks["head"].block) == ("embed", "kronecker")
+    every = 3
+    options = dict(blocks=blocks, factor_decay=DECAY, scaling="running", basis_update_every=2)
+    amortized = ek.scale_by_ekfac(factor_update_every=every, **options)
+    each = ek.scale_by_ekfac(**options)
+    capture = ek.value_grad_and_stats(loss_fn)
+
+    @jax.jit
+    def update(states, ids, labels):  # params fixed: every batch's reference at the same params
+        _, grads, stats = capture(params, ids, labels)
+        return tuple(
+            tx.update(grads, state, params, stats=stats)[1]
+            for tx, state in zip((amortized, each), states, strict=True)
+        )
+
+    def debiased(values):  # the factors' debiased moving average after each value
+        out, current = [], None
+        for k, value in enumerate(values, start=1):
+            weight = (1 - DECAY) / (1 - DECAY**k)
+            current = value if current is None else (1 - weight) * current + weight * value
+            out.append(current)
+        return out
+
+    table = np.asarray(params["embed"]["embedding"])
+    frequencies = [np.bincount(np.ravel(ids), minlength=VOCAB) / ids.size for ids, _ in batches]
+    h_aug = [
+        np.concatenate([table[np.ravel(ids)], np.ones((ids.size, 1))], axis=1) for ids, _ in batches
+    ]
+    head_a = debiased([h.T @ h / len(h) for h in h_aug[::every]])
+    states = (amortized.init(params), each.init(params))
+    for i, (ids, labels) in enumerate(batches):
+        states = update(states, ids, labels)
+        mine, per_update = states[0].blocks, states[1].blocks
+        # float64 means of at most a few dozen products: round-off ~1e-16 relative.
+        expected_a = debiased(frequencies[: i + 1])[-1]
+        assert reference.relative_error(mine["embed"].factor_a, expected_a) < 1e-12, i
+        assert reference.relative_error(mine["embed"].factor_b, per_update["embed"].factor_b) < (
+            1e-12
+        ), i
+        assert reference.relative_error(mine["head"].factor_a, head_a[i // every]) < 1e-12, i
+    # The head's factors did change between its factor updates in the per-update run.
+    assert reference.relative_error(per_update["head"].factor_a, head_a[-1]) > 1e-3

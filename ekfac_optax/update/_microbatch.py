@@ -87,13 +87,16 @@ def zeros(specs, blocks, rule) -> Pending:
     )
 
 
-def accumulate(pending: Pending, specs, blocks, stats, config, needs_factors=True) -> Pending:
+def accumulate(
+    pending: Pending, specs, blocks, stats, config, needs_factors=True, always=()
+) -> Pending:
     """``pending`` plus what one micro-batch adds: ``n_i`` times its factors and ``s*`` (in
     ``blocks``' bases).
 
     The factors only where the real step will use them (``needs_factors``, a bool or a ``()``
-    bool array; the sums are left as they are otherwise): with ``factor_update_every=m``, a
-    micro-step of the other real steps costs the capture and, for EKFAC, ``s*``.
+    bool array, for every layer but those in ``always``, which always add theirs; the sums are
+    left as they are otherwise): with ``factor_update_every=m``, a micro-step of the other real
+    steps costs the capture, an embedding's factors and, for EKFAC, ``s*``.
     """
     h, delta, attend = _step.statistics(specs, stats)
     n = _step.batch_size(stats)
@@ -103,15 +106,17 @@ def accumulate(pending: Pending, specs, blocks, stats, config, needs_factors=Tru
 
     def with_factors(total):
         fresh = {
-            p: _stages.batch_factors(s, h[p], delta[p], config, attend.get(p))
-            for p, s in specs.items()
+            p: _stages.batch_factors(specs[p], h[p], delta[p], config, attend.get(p)) for p in total
         }
         return add_weighted(total, fresh)
 
+    factors = dict(pending.factors)
     if needs_factors is True:
-        factors = with_factors(pending.factors)
+        factors = with_factors(factors)
     else:
-        factors = jax.lax.cond(needs_factors, with_factors, lambda t: t, pending.factors)
+        factors.update(with_factors({p: factors[p] for p in always}))
+        rest = {p: x for p, x in factors.items() if p not in always}
+        factors.update(jax.lax.cond(needs_factors, with_factors, lambda t: t, rest))
     second_moments = {
         p: _stages.batch_second_moments(s, blocks[p], h[p], delta[p], attend.get(p))
         for p, s in specs.items()

@@ -142,6 +142,15 @@ def _scale_by_kfe(
             refreshes(count) if one_batch else on_updates_every(config.factor_update_every, count)
         )
 
+    def amortization(specs):
+        """``(every, amortized)``: the blocks ``specs`` whose factors are averaged in on every
+        update (``_step.factors_every_update``; none with ``factor_update_every=1``) and those
+        averaged in on the updates of :func:`factors_used`."""
+        m = config.factor_update_every  # an int, or traced under optax.inject_hyperparams
+        static_one = isinstance(m, numbers.Integral) and m == 1
+        every = [k for k, s in specs.items() if not static_one and _step.factors_every_update(s)]
+        return every, [k for k in specs if k not in every]
+
     def _accumulating(updates, accumulating, stage):
         """A stage of an accumulated step (``_microbatch``, driven by ``multi_steps``)."""
         state, pending = accumulating
@@ -153,8 +162,9 @@ def _scale_by_kfe(
         if not isinstance(stage, _microbatch.Micro | _microbatch.Emit):
             raise TypeError(f"an accumulating state needs stats of a micro-batch, got {stage!r}")
         _validation.check_stats(stage.stats, specs)
+        every, _ = amortization(specs)
         total = _microbatch.accumulate(
-            pending, specs, layers, stage.stats, config, factors_used(state.count)
+            pending, specs, layers, stage.stats, config, factors_used(state.count), every
         )
         if isinstance(stage, _microbatch.Micro):
             return jax.tree.map(jnp.zeros_like, updates), _microbatch.Accumulating(state, total)
@@ -181,11 +191,16 @@ def _scale_by_kfe(
         # With one-batch factors (factor_decay=0) only the basis updates need them.
         new_blocks = _stacking.regroup(stored, batch.groups, state.blocks)
         if not one_batch:  # on updates 0, m, 2m, ..., debiased by their number (m = 1: count)
+            every, amortized = amortization(batch.group_specs)
+            if every:  # embeddings: on every update
+                new_blocks = _step.factors(batch, new_blocks, config, count, every)
 
             def new_factors(blocks):
-                return _step.factors(batch, blocks, config, count // config.factor_update_every)
+                m = config.factor_update_every
+                return _step.factors(batch, blocks, config, count // m, amortized)
 
-            new_blocks = when(factors_used(count), new_factors, new_blocks)
+            if amortized:
+                new_blocks = when(factors_used(count), new_factors, new_blocks)
 
         # Amortized: the eigenbasis on updates 0, n, 2n, ...
         def new_basis(blocks):
@@ -317,7 +332,10 @@ def scale_by_ekfac(
         products, ``2 N T (a² + b²)`` per block, are two thirds of a forward/backward pass
         for square layers: with ``m > 1`` EKFAC-ra's, KFAC's and KFE-Adam's steps between them
         cost the projections alone (EKFAC's batch ``s*`` is measured every update). The
-        eigenbasis then comes from factors up to ``m - 1`` updates old.
+        eigenbasis then comes from factors up to ``m - 1`` updates old. An embedding's factors
+        are still averaged in on every update (a count of the batch's tokens and one
+        ``d_out²`` product): a batch sees only some tokens, and from every m-th batch alone a
+        token of the others keeps a zero frequency and a step divided by the damping alone.
       scaling: ``"batch"`` (EKFAC) or ``"running"`` (EKFAC-ra).
       scaling_decay: decay of the running averages (``scaling="running"``, the
         fallback), in ``[0, 1)``.
