@@ -141,6 +141,18 @@ METHODS = {
         LRS,
         grafted(lambda blocks: relative_ekfac_ra(blocks, factor_update_every=FACTORS_EVERY)),
     ),
+    "Adam-grafted EKFAC-ra (relative 0.1; basis and factors every 10)": (
+        LRS,
+        grafted(
+            lambda blocks: relative_ekfac_ra(
+                blocks, basis_update_every=BASIS_EVERY, factor_update_every=FACTORS_EVERY
+            )
+        ),
+    ),
+    "KFE-Adam (factors every 10)": (
+        LRS,
+        lambda lr, blocks: ek.kfe_adam(lr, blocks=blocks, factor_update_every=FACTORS_EVERY),
+    ),
     "AdamW (embedding lr x3)": (LRS, lambda lr, blocks: embedding_lr(optax.adamw(lr))),
     "KFE-Adam (embedding lr x3)": (
         LRS,
