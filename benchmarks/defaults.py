@@ -69,7 +69,6 @@ WINDOW = 10  # steps of the running mean
 STEPS_GOAL = 0.6  # issue 30: AdamW's best final loss in <= 0.6x its steps
 NORM = 1e-3  # norm_constraint (ek.clip_by_fisher_norm): Ba et al.'s KL-clipping bound
 FACTORS_EVERY = 10  # factor_update_every of the amortized grafted EKFAC-ra (issue 32's f10)
-BASIS_EVERY = 10  # basis_update_every of the grafted EKFAC-ra refreshed twice as often
 
 
 def grafted(direction: Callable) -> Callable:
@@ -133,9 +132,11 @@ METHODS = {
     ),
     "KFAC (norm 1e-3)": (LRS, lambda lr, blocks: ek.kfac(lr, blocks=blocks, norm_constraint=NORM)),
     "Adam-grafted EKFAC-ra (relative 0.1)": (LRS, grafted(relative_ekfac_ra)),
+    # ek.grafted_ekfac with its defaults: grafted(relative_ekfac_ra(basis every 10)), bit for bit
+    # (tests/test_graft.py)
     "Adam-grafted EKFAC-ra (relative 0.1; basis every 10)": (
         LRS,
-        grafted(lambda blocks: relative_ekfac_ra(blocks, basis_update_every=BASIS_EVERY)),
+        lambda lr, blocks: ek.grafted_ekfac(lr, blocks=blocks),
     ),
     "Adam-grafted EKFAC-ra (relative 0.1; factors every 10)": (
         LRS,
@@ -143,11 +144,7 @@ METHODS = {
     ),
     "Adam-grafted EKFAC-ra (relative 0.1; basis and factors every 10)": (
         LRS,
-        grafted(
-            lambda blocks: relative_ekfac_ra(
-                blocks, basis_update_every=BASIS_EVERY, factor_update_every=FACTORS_EVERY
-            )
-        ),
+        lambda lr, blocks: ek.grafted_ekfac(lr, blocks=blocks, factor_update_every=FACTORS_EVERY),
     ),
     "KFE-Adam (factors every 10)": (
         LRS,

@@ -5,7 +5,7 @@ Gradient Descent in a Kronecker-factored Eigenbasis. NeurIPS 2018.
 """
 
 from ekfac_optax._accumulate import MultiStepsState, multi_steps
-from ekfac_optax._alias import ekfac, kfac, kfe_adam, kfe_adamw
+from ekfac_optax._alias import ekfac, grafted_ekfac, kfac, kfe_adam, kfe_adamw
 from ekfac_optax._checkpoint import restore_state, save_state
 from ekfac_optax._fit import fit_curvature
 from ekfac_optax._graft import GraftState, graft
@@ -49,6 +49,7 @@ __all__ = [
     "find_blocks",
     "fit_curvature",
     "graft",
+    "grafted_ekfac",
     "influence",
     "kfac",
     "kfe_adam",

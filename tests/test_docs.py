@@ -40,7 +40,9 @@ def test_every_public_name_has_an_api_entry():
     assert documented == set(ek.__all__), set(ek.__all__) ^ documented
 
 
-@pytest.mark.parametrize("alias", [ek.ekfac, ek.kfac, ek.kfe_adam, ek.kfe_adamw, ek.summarize])
+@pytest.mark.parametrize(
+    "alias", [ek.ekfac, ek.kfac, ek.kfe_adam, ek.kfe_adamw, ek.grafted_ekfac, ek.summarize]
+)
 def test_aliases_document_each_argument(alias):
     """Every argument of an alias has its own ``name:`` entry in its docstring's Args."""
     doc = inspect.getdoc(alias)
