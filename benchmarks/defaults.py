@@ -142,6 +142,10 @@ METHODS = {
         LRS,
         grafted(lambda blocks: relative_ekfac_ra(blocks, factor_update_every=FACTORS_EVERY)),
     ),
+    "Adam-grafted EKFAC-ra (relative 0.3; basis every 10)": (
+        LRS,
+        lambda lr, blocks: ek.grafted_ekfac(lr, blocks=blocks, damping=0.3),
+    ),
     "Adam-grafted EKFAC-ra (relative 0.1; basis and factors every 10)": (
         LRS,
         lambda lr, blocks: ek.grafted_ekfac(lr, blocks=blocks, factor_update_every=FACTORS_EVERY),
