@@ -105,6 +105,24 @@ def _steps(loss_fn, big, accumulated):
     return big_step, micro_step
 
 
+def _assert_micro_batches_equal_the_big_batch(loss_fn, params, make, batches):
+    """Each real step of ``multi_steps(make(), len(SIZES))`` over the micro-batches of a batch
+    equals ``make()``'s step on the whole batch, updates and state (each real step starts both
+    from the big batch's params and state)."""
+    big, accumulated = make(), ek.multi_steps(make(), len(SIZES))
+    big_step, micro_step = _steps(loss_fn, big, accumulated)
+    big_state, acc_state = big.init(params), accumulated.init(params)
+    p = params
+    for step, (x, y) in enumerate(batches):
+        expected, big_state = big_step(p, big_state, x, y)
+        for xm, ym in _micro_batches(x, y):
+            updates, acc_state = micro_step(p, acc_state, xm, ym)
+        assert_trees_close(updates, expected, f"step {step}", rtol=RTOL)
+        assert_trees_close(acc_state.inner_state, big_state, f"state {step}", rtol=RTOL)
+        p = optax.apply_updates(p, expected)
+        acc_state = acc_state._replace(inner_state=big_state)
+
+
 # Every method on the MLP; on the CNN EKFAC alone, which accumulates the conv factors as the
 # others do, and s* of conv patches besides.
 CASES = [(method, "mlp") for method in METHODS] + [("ekfac", "cnn")]
@@ -302,18 +320,7 @@ def test_micro_batches_with_amortized_factors_and_an_embedding():
         lambda: ek.ekfac(0.02, blocks=blocks, scaling="running", factor_update_every=2),
         lambda: ek.kfe_adam(1e-2, blocks=blocks, factor_update_every=2, eps=1e-4),
     ):
-        big, accumulated = make(), ek.multi_steps(make(), len(SIZES))
-        big_step, micro_step = _steps(loss_fn, big, accumulated)
-        big_state, acc_state = big.init(params), accumulated.init(params)
-        p = params
-        for step, (x, y) in enumerate(batches):
-            expected, big_state = big_step(p, big_state, x, y)
-            for xm, ym in _micro_batches(x, y):
-                updates, acc_state = micro_step(p, acc_state, xm, ym)
-            assert_trees_close(updates, expected, f"step {step}", rtol=RTOL)
-            assert_trees_close(acc_state.inner_state, big_state, f"state {step}", rtol=RTOL)
-            p = optax.apply_updates(p, expected)
-            acc_state = acc_state._replace(inner_state=big_state)
+        _assert_micro_batches_equal_the_big_batch(loss_fn, params, make, batches)
 
 
 def test_an_accumulating_state_needs_micro_batch_stats():
@@ -342,16 +349,5 @@ def test_micro_batches_with_amortized_or_one_batch_factors(options):
     def make():
         return ek.ekfac(0.02, blocks=blocks, scaling="running", **options)
 
-    big, accumulated = make(), ek.multi_steps(make(), len(SIZES))
-    big_step, micro_step = _steps(loss_fn, big, accumulated)
-    big_state, acc_state = big.init(params), accumulated.init(params)
-    p = params
-    for step in range(4):
-        x, y = normal_batch(20 + step, (sum(SIZES), 5), (sum(SIZES),))
-        expected, big_state = big_step(p, big_state, x, y)
-        for xm, ym in _micro_batches(x, y):
-            updates, acc_state = micro_step(p, acc_state, xm, ym)
-        assert_trees_close(updates, expected, f"step {step}", rtol=RTOL)
-        assert_trees_close(acc_state.inner_state, big_state, f"state {step}", rtol=RTOL)
-        p = optax.apply_updates(p, expected)
-        acc_state = acc_state._replace(inner_state=big_state)
+    batches = [normal_batch(20 + step, (sum(SIZES), 5), (sum(SIZES),)) for step in range(4)]
+    _assert_micro_batches_equal_the_big_batch(loss_fn, params, make, batches)
