@@ -347,7 +347,8 @@ def grafted_ekfac(
     28x28 auto-encoder (lr 3e-2), 0.88x on an LM at a vocabulary of 8,192 (lr 3e-2); no run of the
     grid diverged. Try ``learning_rate`` in ``[1e-2, 3e-2]``; on a language model with a large
     vocabulary also ``damping=0.3`` (at 8,192: 0.80x AdamW's steps against 0.88x, the same
-    steps on the five other problems, final losses there 1-2% higher on three).
+    steps on the five other problems, final losses there higher on three: 1.6% and 2.3% on the
+    character LM and the small auto-encoder, 0.0003 against 0.0002 on the VGG).
 
     Args:
       learning_rate: a float or an optax schedule (Adam's scale).
