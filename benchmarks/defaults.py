@@ -23,10 +23,12 @@ preconditioner's curvature at most 1e-3, Ba et al.'s KL clipping); basis every 2
 grafted ones ``ek.graft(optax.scale_by_adam(), ...)`` with AdamW's weight decay
 1e-4, so that their learning rate is Adam's ("basis every 10": ``basis_update_every=10``;
 "factors every 10": ``factor_update_every=10``, this batch's factors averaged in on every tenth
-step only; "embedding lr x3": the token embedding's updates multiplied by 3, for AdamW as
-for ours, a diagnostic of what bounds the LMs, not a default), the runs of all methods
-alternating step by step in one process (so that the machine's noise spreads over all of
-them); each run sees the same batches from the same initial parameters.
+step only; "embedding E": ``embedding_damping=E``, the relative damping of the embedding's block,
+otherwise that of the other blocks, ``ek.grafted_ekfac``'s default 1.0; "embedding lr x3": the
+token embedding's updates multiplied by 3, for AdamW as for ours, a diagnostic of what bounds
+the LMs, not a default), the runs of all methods alternating step by step in one process (so
+that the machine's noise spreads over all of them); each run sees the same batches from the
+same initial parameters.
 
 Reported per run: the final training loss (mean of the last 10 steps), the first step at which
 the running loss (mean of 10 steps) reaches AdamW's best final loss, the wall-clock per step;
@@ -132,11 +134,11 @@ METHODS = {
     ),
     "KFAC (norm 1e-3)": (LRS, lambda lr, blocks: ek.kfac(lr, blocks=blocks, norm_constraint=NORM)),
     "Adam-grafted EKFAC-ra (relative 0.1)": (LRS, grafted(relative_ekfac_ra)),
-    # ek.grafted_ekfac with its defaults: grafted(relative_ekfac_ra(basis every 10)), bit for bit
-    # (tests/test_graft.py)
+    # ek.grafted_ekfac before the embeddings got their own damping (results before 2026-12-08):
+    # grafted(relative_ekfac_ra(basis every 10)), bit for bit (tests/test_graft.py)
     "Adam-grafted EKFAC-ra (relative 0.1; basis every 10)": (
         LRS,
-        lambda lr, blocks: ek.grafted_ekfac(lr, blocks=blocks),
+        lambda lr, blocks: ek.grafted_ekfac(lr, blocks=blocks, embedding_damping=0.1),
     ),
     "Adam-grafted EKFAC-ra (relative 0.1; factors every 10)": (
         LRS,
@@ -144,9 +146,27 @@ METHODS = {
     ),
     "Adam-grafted EKFAC-ra (relative 0.3; basis every 10)": (
         LRS,
+        lambda lr, blocks: ek.grafted_ekfac(lr, blocks=blocks, damping=0.3, embedding_damping=0.3),
+    ),
+    # embedding 1.0: ek.grafted_ekfac with its defaults
+    **{
+        f"Adam-grafted EKFAC-ra (relative 0.1, embedding {e}; basis every 10)": (
+            LRS,
+            lambda lr, blocks, e=e: ek.grafted_ekfac(lr, blocks=blocks, embedding_damping=e),
+        )
+        for e in (0.3, 1.0, 3.0)
+    },
+    "Adam-grafted EKFAC-ra (relative 0.3, embedding 1.0; basis every 10)": (
+        LRS,
         lambda lr, blocks: ek.grafted_ekfac(lr, blocks=blocks, damping=0.3),
     ),
     "Adam-grafted EKFAC-ra (relative 0.1; basis and factors every 10)": (
+        LRS,
+        lambda lr, blocks: ek.grafted_ekfac(
+            lr, blocks=blocks, embedding_damping=0.1, factor_update_every=FACTORS_EVERY
+        ),
+    ),
+    "Adam-grafted EKFAC-ra (relative 0.1, embedding 1.0; basis and factors every 10)": (
         LRS,
         lambda lr, blocks: ek.grafted_ekfac(lr, blocks=blocks, factor_update_every=FACTORS_EVERY),
     ),

@@ -381,7 +381,7 @@ def component_seconds(problem: Problem, reps: int) -> dict[str, float]:
 
         def run(grads, stats, blocks, *rest):
             with jax.default_matmul_precision("highest"):
-                batch = _step.prepare(specs, grads, stats, state.count, DAMPING, False)
+                batch = _step.prepare(specs, grads, stats, state.count, DAMPING, DAMPING, False)
                 return fn(batch, blocks, *rest)
 
         return jax.jit(run)

@@ -27,6 +27,7 @@ def ekfac(
     *,
     blocks: Mapping[str, _blocks.BlockSpec],
     damping: ScalarOrSchedule = 1e-3,
+    embedding_damping: ScalarOrSchedule | None = None,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
     factor_update_every: int = 1,
@@ -82,6 +83,7 @@ def ekfac(
         scale_by_ekfac(
             blocks=blocks,
             damping=damping,
+            embedding_damping=embedding_damping,
             basis_update_every=basis_update_every,
             factor_decay=factor_decay,
             factor_update_every=factor_update_every,
@@ -106,6 +108,7 @@ def kfac(
     *,
     blocks: Mapping[str, _blocks.BlockSpec],
     damping: ScalarOrSchedule = 1e-3,
+    embedding_damping: ScalarOrSchedule | None = None,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
     factor_update_every: int = 1,
@@ -148,6 +151,7 @@ def kfac(
         scale_by_kfac(
             blocks=blocks,
             damping=damping,
+            embedding_damping=embedding_damping,
             basis_update_every=basis_update_every,
             factor_decay=factor_decay,
             factor_update_every=factor_update_every,
@@ -321,6 +325,7 @@ def grafted_ekfac(
     weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: Any = None,
     damping: ScalarOrSchedule = 0.1,
+    embedding_damping: ScalarOrSchedule | None = 1.0,
     damping_mode: _scalings.DampingMode = "relative",
     scaling: _scalings.ScalingName = "running",
     basis_update_every: jax.typing.ArrayLike = 10,
@@ -338,17 +343,21 @@ def grafted_ekfac(
     ``optax.chain(graft(optax.scale_by_adam(b1, b2, eps), scale_by_ekfac(...)),
     optax.add_decayed_weights(weight_decay, mask), optax.scale_by_learning_rate(learning_rate))``:
     each parameter's update is EKFAC's ``U_A [(U_Aᵀ g U_B) / (s + ε mean(s))] U_Bᵀ`` (the
-    running ``s*``, a damping relative to each block's scalings) rescaled to the Frobenius norm
-    of Adam's update of the same gradient (:func:`graft`), then AdamW's decoupled weight decay and
-    learning rate. The learning rate is Adam's: it transfers across models and across the
-    damping. On the out-of-the-box benchmark of ``docs/benchmarks.md`` (2-core CPU, 200 steps,
-    one grid ``{1e-3 .. 1e-1}`` for every method), with these defaults: AdamW's best final loss in
-    0.60x AdamW's steps on a character LM (1.68 against AdamW's best 2.18; lr 1e-2), 0.18x on the
-    28x28 auto-encoder (lr 3e-2), 0.88x on an LM at a vocabulary of 8,192 (lr 3e-2); no run of the
-    grid diverged. Try ``learning_rate`` in ``[1e-2, 3e-2]``; on a language model with a large
-    vocabulary also ``damping=0.3`` (at 8,192: 0.80x AdamW's steps against 0.88x, the same
-    steps on the five other problems, final losses there higher on three: 1.6% and 2.3% on the
-    character LM and the small auto-encoder, 0.0003 against 0.0002 on the VGG).
+    running ``s*``, a damping relative to each block's scalings: ``ε = 0.1``, and 1.0 for an
+    embedding's block) rescaled to the Frobenius norm of Adam's update of the same gradient
+    (:func:`graft`), then AdamW's decoupled weight decay and learning rate. The learning rate is
+    Adam's: it transfers across models and across the damping. On the out-of-the-box benchmark
+    of ``docs/benchmarks.md`` (2-core CPU, 200 steps, one grid ``{1e-3 .. 1e-1}`` for every
+    method), with these defaults: AdamW's best final loss in 0.60x AdamW's steps on a character
+    LM (1.67 against AdamW's best 2.18; lr 1e-2), 0.18x on the 28x28 auto-encoder (lr 3e-2),
+    0.79x on an LM at a vocabulary of 8,192 (4.33 against 5.01; lr 3e-2); no run of the grid
+    diverged. Try ``learning_rate`` in ``[1e-2, 3e-2]``.
+
+    The embedding's own damping: its scalings follow the tokens' frequencies, so ``0.1 mean(s)``
+    is mostly the rare tokens' and shrinks with the vocabulary. With 0.1 for the embedding too,
+    the LM at 8,192 took 0.88x AdamW's steps (4.59); with 0.3, 1.0 and 3.0, 0.82x, 0.79x and
+    0.79x, the character LM 0.60x with each (final 1.68, 1.66, 1.67, 1.71). With it, a
+    ``damping=0.3`` for the other blocks gained nothing (0.79x; the character LM 0.61x, 1.73).
 
     Args:
       learning_rate: a float or an optax schedule (Adam's scale).
@@ -359,6 +368,9 @@ def grafted_ekfac(
       mask: which parameters decay (``optax.add_decayed_weights``'s ``mask``).
       damping: ``ε``; with the default ``damping_mode="relative"``, a fraction of each block's
         mean scaling (``> 0``).
+      embedding_damping: ``ε`` of the embeddings' blocks (``nn.Embed``, tied or not), by default
+        1.0: a fraction of the block's mean scaling, as ``damping``; with another
+        ``damping_mode``, set it too. ``None``: ``damping``.
       {inherited arguments}
 
     Returns:
@@ -391,6 +403,7 @@ def grafted_ekfac(
     direction = scale_by_ekfac(
         blocks=blocks,
         damping=damping,
+        embedding_damping=embedding_damping,
         basis_update_every=basis_update_every,
         factor_decay=factor_decay,
         factor_update_every=factor_update_every,

@@ -34,12 +34,14 @@ import jax
 import jax.numpy as jnp
 import kinds_reference as kr
 import numpy as np
+import optax
 import pytest
 import reference as ref
 from helpers import (
     DAMPING,
     METHODS,
     SCALING_DECAY,
+    assert_trees_close,
     classifier_loss,
     cross_entropy,
     init_params,
@@ -548,6 +550,65 @@ def test_tied_embed_is_one_block_against_per_example_gradients():
         assert ref.relative_error(np.asarray(actual), fallback) > 1e-2, method
     row = summary_rows(params, blocks)["tokens/embedding"]
     assert "tied embedding block 6x3" in row, row
+
+
+def test_embedding_damping_is_the_embeddings_own_relative_damping():
+    """``embedding_damping`` is the damping of the (tied) embedding's block and of no other.
+    With ``damping_mode="relative"``, ``damping=0.1`` and ``embedding_damping=1.0``, the
+    embedding's first updates in every method equal the dense float64 references of
+    ``kronecker_updates`` with the Tikhonov damping ``1.0 · mean(s)``, the mean computed here
+    from ``tied_reference`` without a basis (it is basis-independent): EKFAC's
+    ``mean_n ||G_n||² / (a b)``, EKFAC-ra's ``(d T tr A tr B + (1 - d) N ||g||²) / (a b)`` (its
+    restart from KFAC, then one running step), KFAC's ``T tr A tr B / (a b)``. The Dense layer's
+    updates are those with ``damping=0.1`` alone (whose relative damping
+    ``test_reference_updates.py`` checks against its reference), and the embedding's are far
+    (``> 1e-2``) from those, so the comparison is not vacuous. A schedule, and the argument
+    injected by ``optax.inject_hyperparams``, give the same updates."""
+    rng = np.random.default_rng(7)
+    ids = jnp.asarray(rng.integers(0, VOCAB, (5, 3)))
+    labels = jnp.asarray(rng.integers(0, VOCAB, (5, 3)))
+    params = init_params(TiedNet(), ids)
+    loss_fn = classifier_loss(TiedNet())
+    relative = dict(damping=0.1, damping_mode="relative")
+    blocks, updates, _, grads, _ = first_step(
+        loss_fn, params, ids, labels, embedding_damping=1.0, **relative
+    )
+    _, plain, _, _, _ = first_step(loss_fn, params, ids, labels, **relative)
+
+    per_example, vocab_side, width_side, _ = tied_reference(params, ids, labels)
+    n, t = ids.shape
+    factor_a = vocab_side / (t * np.trace(width_side))
+    g = np.asarray(grads["tokens"]["embedding"])
+    kfac_mean = t * np.trace(factor_a) * np.trace(width_side) / g.size
+    means = {
+        "ekfac": np.mean(np.sum(per_example**2, axis=(1, 2))) / g.size,
+        "ekfac-ra": SCALING_DECAY * kfac_mean + (1 - SCALING_DECAY) * n * np.sum(g**2) / g.size,
+        "kfac": kfac_mean,
+    }
+    for method in METHODS:
+        expected = kr.kronecker_updates(
+            per_example, factor_a, width_side, t, 1.0 * means[method], SCALING_DECAY
+        )[method]
+        actual = updates[method]["tokens"]["embedding"]
+        assert_close(actual, expected, method)
+        assert ref.relative_error(np.asarray(actual), plain[method]["tokens"]["embedding"]) > 1e-2
+        np.testing.assert_array_equal(
+            updates[method]["mix"]["kernel"], plain[method]["mix"]["kernel"]
+        )
+
+    options = dict(blocks=blocks, basis_update_every=1, factor_decay=0.0, **relative)
+    scheduled = ek.scale_by_ekfac(embedding_damping=optax.constant_schedule(1.0), **options)
+    injected = optax.inject_hyperparams(ek.scale_by_ekfac, static_args=("blocks",))(
+        embedding_damping=1.0, **options
+    )
+    _, states, _, _ = stepper(loss_fn, {"scheduled": scheduled, "injected": injected})(
+        params, None, ids, labels
+    )
+    assert float(states["injected"].hyperparams["embedding_damping"]) == 1.0
+    for key, tx in (("scheduled", scheduled), ("injected", injected)):
+        out, _, _, _ = stepper(loss_fn, {key: tx})(params, None, ids, labels)
+        # Injected hyperparameters are arrays, folded otherwise than constants: round-off only.
+        assert_trees_close(out[key], updates["ekfac"], key, rtol=1e-12)
 
 
 class WrongWidthTiedNet(nn.Module):

@@ -43,6 +43,7 @@ class Batch(NamedTuple):
       n: the batch size (accumulated: the examples of all micro-batches, an array).
       count: the number of updates applied so far.
       damping: this update's damping.
+      embedding_damping: this update's damping of the embeddings' blocks.
       fresh: per layer, the factors of the micro-batches accumulated for this update
         (``_microbatch``); ``None``: computed from this batch's statistics.
       second_moments: per group, the ``s*`` accumulated in the state's basis, for the blocks
@@ -62,9 +63,14 @@ class Batch(NamedTuple):
     n: int
     count: jax.Array
     damping: Any
+    embedding_damping: Any
     fresh: dict[str, Any] | None = None
     second_moments: dict[str, Any] | None = None
     refreshed: Any = None
+
+    def damping_of(self, spec: _blocks.BlockSpec) -> Any:
+        """The damping of a block: :attr:`embedding_damping` for an embedding's."""
+        return self.embedding_damping if spec.block == "embed" else self.damping
 
     @property
     def group_specs(self) -> dict[str, _blocks.BlockSpec]:
@@ -93,7 +99,9 @@ def batch_size(stats) -> int:
     return next((s.delta.shape[-3] for s in stats.values()), 1)
 
 
-def prepare(specs, updates, stats, count, damping, stack_blocks: bool, **accumulated) -> Batch:
+def prepare(
+    specs, updates, stats, count, damping, embedding_damping, stack_blocks: bool, **accumulated
+) -> Batch:
     """Stage 1: this batch's statistics and gradient matrices, per layer and per group
     (``accumulated``: :class:`Batch`'s ``n``, ``fresh``, ``second_moments`` (per layer) and
     ``refreshed`` of several micro-batches, ``_microbatch``)."""
@@ -117,6 +125,7 @@ def prepare(specs, updates, stats, count, damping, stack_blocks: bool, **accumul
         n=accumulated.pop("n", batch_size(stats)),
         count=count,
         damping=damping,
+        embedding_damping=embedding_damping,
         **accumulated,
     )
 
@@ -190,7 +199,7 @@ def precondition(batch: Batch, blocks: Mapping[str, Any], config: _stages.Config
             batch.delta[key],
             batch.n,
             batch.count,
-            batch.damping,
+            batch.damping_of(spec),
             config,
             batch.attend.get(key),
             None if batch.second_moments is None else batch.second_moments.get(key),

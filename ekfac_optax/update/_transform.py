@@ -55,6 +55,7 @@ def _replace_leaves(tree: Any, new: Mapping[str, jax.Array]) -> Any:
 def _scale_by_kfe(
     blocks: Mapping[str, _blocks.BlockSpec],
     damping: ScalarOrSchedule,
+    embedding_damping: ScalarOrSchedule | None,
     basis_update_every: jax.typing.ArrayLike,
     config: _stages.Config,
     fallback: Fallback,
@@ -69,19 +70,15 @@ def _scale_by_kfe(
     if mesh is not None and not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
     _validation.check_hyperparameters(
-        damping, basis_update_every, config.factor_decay, config.factor_update_every
+        basis_update_every, config.factor_decay, config.factor_update_every
     )
     config.rule.check()
     _validation.check_choice(
         "damping_mode", config.damping_mode, ("tikhonov", "factored", "relative")
     )
-    if config.damping_mode == "relative":
-        value = _scalings.concrete("damping", damping)
-        if value is not None and not value > 0:
-            raise ValueError(
-                "damping must be > 0 with damping_mode='relative' (a fraction of each block's "
-                f"mean scaling), got {damping}"
-            )
+    dampings = {"damping": damping, "embedding_damping": embedding_damping}
+    for name, value in dampings.items():
+        _validation.check_damping(name, value, config.damping_mode)
     _validation.check_choice("weight_sharing", config.weight_sharing, ("expand", "reduce"))
     _validation.check_choice("fallback", fallback, ("diagonal", "identity"))
     stored = _stacking.plan(blocks, stack_blocks)  # the state's entries: groups of blocks
@@ -181,11 +178,20 @@ def _scale_by_kfe(
         _validation.check_stats(stats, specs)
         count = state.count
         damping_now = damping(count) if callable(damping) else damping
+        embedding_now = damping_now if embedding_damping is None else embedding_damping
+        embedding_now = embedding_now(count) if callable(embedding_now) else embedding_now
         if accumulated is not None:
             accumulated["refreshed"] = refreshes(count)
 
         batch = _step.prepare(
-            specs, updates, stats, count, damping_now, stack_blocks, **(accumulated or {})
+            specs,
+            updates,
+            stats,
+            count,
+            damping_now,
+            embedding_now,
+            stack_blocks,
+            **(accumulated or {}),
         )
 
         # With one-batch factors (factor_decay=0) only the basis updates need them.
@@ -259,6 +265,7 @@ def scale_by_ekfac(
     *,
     blocks: Mapping[str, _blocks.BlockSpec],
     damping: ScalarOrSchedule = 1e-3,
+    embedding_damping: ScalarOrSchedule | None = None,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
     factor_update_every: int = 1,
@@ -325,6 +332,12 @@ def scale_by_ekfac(
       damping: ``ε >= 0`` added to the scalings, a float or an optax schedule of
         the update count. ``ε = 0`` gives the pseudo-inverse: directions whose
         scaling is 0 up to round-off (relative ``max(a, b) · eps``) get no step.
+      embedding_damping: the damping of the embeddings' blocks (``nn.Embed``, tied or not), a
+        float or a schedule, in the same ``damping_mode``; ``None`` (default): ``damping``.
+        An embedding's scalings follow its tokens' frequencies, and most tokens of a large
+        vocabulary are rare: a relative damping's mean scaling is then mostly theirs, and the
+        rows of the rare tokens, estimated from a few occurrences, get steps divided by little
+        more than a damping that shrinks as the vocabulary grows.
       basis_update_every: recompute the eigenbasis every this many updates.
       factor_decay: decay of the moving averages of ``A`` and ``B``, in ``[0, 1)``.
       factor_update_every: average this batch's ``A`` and ``B`` into the factors on updates
@@ -417,7 +430,15 @@ def scale_by_ekfac(
     rule = rules[scaling](scaling_decay=scaling_decay)
     config = _stages.Config(rule, factor_decay, damping_mode, weight_sharing, factor_update_every)
     return _scale_by_kfe(
-        blocks, damping, basis_update_every, config, fallback, mesh, max_factor_dim, stack_blocks
+        blocks,
+        damping,
+        embedding_damping,
+        basis_update_every,
+        config,
+        fallback,
+        mesh,
+        max_factor_dim,
+        stack_blocks,
     )
 
 
@@ -425,6 +446,7 @@ def scale_by_kfac(
     *,
     blocks: Mapping[str, _blocks.BlockSpec],
     damping: ScalarOrSchedule = 1e-3,
+    embedding_damping: ScalarOrSchedule | None = None,
     basis_update_every: jax.typing.ArrayLike = 20,
     factor_decay: jax.typing.ArrayLike = 0.95,
     factor_update_every: int = 1,
@@ -452,6 +474,7 @@ def scale_by_kfac(
     Args:
       blocks: the model's blocks, ``ek.find_blocks(loss_fn, params, *batch)``.
       damping: ``ε``, a float or an optax schedule of the update count.
+      embedding_damping: ``ε`` of the embeddings' blocks; see :func:`scale_by_ekfac`.
       basis_update_every: recompute the eigendecomposition every this many updates.
       factor_decay: decay of the moving averages of ``A`` and ``B`` (and of the
         diagonal blocks and fallback), in ``[0, 1)``.
@@ -479,7 +502,15 @@ def scale_by_kfac(
     rule = _scalings.KfacScaling(factor_decay=factor_decay)
     config = _stages.Config(rule, factor_decay, damping_mode, weight_sharing, factor_update_every)
     return _scale_by_kfe(
-        blocks, damping, basis_update_every, config, fallback, mesh, max_factor_dim, stack_blocks
+        blocks,
+        damping,
+        embedding_damping,
+        basis_update_every,
+        config,
+        fallback,
+        mesh,
+        max_factor_dim,
+        stack_blocks,
     )
 
 
@@ -564,5 +595,5 @@ def scale_by_kfe_adam(
     rule = _scalings.AdamScaling(b1=b1, b2=b2, eps=eps)
     config = _stages.Config(rule, factor_decay, "tikhonov", weight_sharing, factor_update_every)
     return _scale_by_kfe(
-        blocks, 0.0, basis_update_every, config, fallback, mesh, max_factor_dim, stack_blocks
+        blocks, 0.0, None, basis_update_every, config, fallback, mesh, max_factor_dim, stack_blocks
     )

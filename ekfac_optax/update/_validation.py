@@ -16,7 +16,7 @@ from ekfac_optax.curvature._scalings import concrete
 from ekfac_optax.kinds import _blocks
 
 
-def check_hyperparameters(damping, basis_update_every, factor_decay, factor_update_every=1):
+def check_hyperparameters(basis_update_every, factor_decay, factor_update_every=1):
     """Raises ValueError/TypeError, naming the hyperparameter, for a value out of range
     (``factor_update_every``: a number, or an array under ``optax.inject_hyperparams``)."""
     value = (
@@ -28,9 +28,6 @@ def check_hyperparameters(damping, basis_update_every, factor_decay, factor_upda
         value is not None and not (value >= 1 and value == int(value))
     ):
         raise ValueError(f"factor_update_every must be an int >= 1, got {factor_update_every!r}")
-    damping_value = concrete("damping", damping)
-    if damping_value is not None and not damping_value >= 0:
-        raise ValueError(f"damping must be >= 0, got {damping}")
     every = concrete("basis_update_every", basis_update_every)
     if every is not None and not (1 <= every < 2**31 and every == int(every)):
         raise ValueError(
@@ -39,6 +36,23 @@ def check_hyperparameters(damping, basis_update_every, factor_decay, factor_upda
     value = concrete("factor_decay", factor_decay)
     if value is not None and not 0 <= value < 1:
         raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay}")
+
+
+def check_damping(name: str, damping, mode: str) -> None:
+    """Raises ValueError, naming the argument, for a damping below 0, or not above 0 with
+    ``damping_mode="relative"`` (``None``, a schedule or a traced value pass)."""
+    if damping is None or callable(damping):
+        return
+    value = concrete(name, damping)
+    if value is None:
+        return
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {damping}")
+    if mode == "relative" and not value > 0:
+        raise ValueError(
+            f"{name} must be > 0 with damping_mode='relative' (a fraction of each block's "
+            f"mean scaling), got {damping}"
+        )
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
