@@ -631,8 +631,9 @@ def test_regression_basis_update_every_beyond_int32_is_rejected_at_construction(
     "name, value",
     [
         pytest.param(name, value, id=f"{name}={value!r}")
-        for name in ("damping", "basis_update_every", "factor_decay")
+        for name in ("damping", "embedding_damping", "basis_update_every", "factor_decay")
         for value in (None, "0.5", True, np.ones(2))
+        if not (name == "embedding_damping" and value is None)  # None: the damping's
     ],
 )
 def test_regression_wrongly_typed_number_raises_type_error_naming_it(name, value):

@@ -76,9 +76,9 @@ def _scale_by_kfe(
     _validation.check_choice(
         "damping_mode", config.damping_mode, ("tikhonov", "factored", "relative")
     )
-    dampings = {"damping": damping, "embedding_damping": embedding_damping}
-    for name, value in dampings.items():
-        _validation.check_damping(name, value, config.damping_mode)
+    _validation.check_damping("damping", damping, config.damping_mode)
+    if embedding_damping is not None:  # None: damping
+        _validation.check_damping("embedding_damping", embedding_damping, config.damping_mode)
     _validation.check_choice("weight_sharing", config.weight_sharing, ("expand", "reduce"))
     _validation.check_choice("fallback", fallback, ("diagonal", "identity"))
     stored = _stacking.plan(blocks, stack_blocks)  # the state's entries: groups of blocks

@@ -40,8 +40,9 @@ def check_hyperparameters(basis_update_every, factor_decay, factor_update_every=
 
 def check_damping(name: str, damping, mode: str) -> None:
     """Raises ValueError, naming the argument, for a damping below 0, or not above 0 with
-    ``damping_mode="relative"`` (``None``, a schedule or a traced value pass)."""
-    if damping is None or callable(damping):
+    ``damping_mode="relative"``, TypeError for a value that is no number (a schedule or a traced
+    value pass)."""
+    if callable(damping):
         return
     value = concrete(name, damping)
     if value is None:
