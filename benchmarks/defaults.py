@@ -156,6 +156,10 @@ METHODS = {
         )
         for e in (0.3, 1.0, 3.0)
     },
+    "Adam-grafted EKFAC-ra (relative 0.1, embedding 1.0, scalings' decay 0.99; basis every 10)": (
+        LRS,
+        lambda lr, blocks: ek.grafted_ekfac(lr, blocks=blocks, scaling_decay=0.99),
+    ),
     "Adam-grafted EKFAC-ra (relative 0.3, embedding 1.0; basis every 10)": (
         LRS,
         lambda lr, blocks: ek.grafted_ekfac(lr, blocks=blocks, damping=0.3),
