@@ -25,8 +25,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 import ekfac_optax as ek
 from benchmarks import depth, modern_lm
@@ -51,13 +49,7 @@ def compile_seconds(fn, args, reps: int) -> float:
 
 def measure(layout: str, layers: int, size: dict, methods, log) -> list[dict]:
     """The compile time of each part on one layout and depth: its rows."""
-    model = depth.make_model(layout, layers, size)
-    loss_fn = modern_lm.make_loss(model)
-    rng = np.random.default_rng(layers)
-    shape = (size["batch"], size["seq"])
-    batch = tuple(jnp.asarray(rng.integers(0, size["vocab"], shape), jnp.int32) for _ in range(2))
-    params = model.init(jax.random.key(0), batch[0])["params"]
-    blocks = ek.find_blocks(loss_fn, params, *batch)
+    _, loss_fn, batch, params, blocks = depth.setup(layout, layers, size)
     capture = ek.value_grad_and_stats(loss_fn)
     _, grads, stats = jax.jit(capture)(params, *batch)
     reps = size["compile_reps"]
@@ -95,10 +87,8 @@ def report(rows: list[dict], size: dict, command: str) -> str:
     lines = [
         "# Where the compile time goes, against depth (issue 31)",
         "",
-        f"Machine: {machine_info()}. Model: `benchmarks/modern_lm.py`'s decoder, float32, width "
-        f"{size['width']}, {size['heads']} heads, vocabulary {size['vocab']}, sequence "
-        f"{size['seq']}, batch {size['batch']}. Each compile from cleared caches, the median of "
-        f"{size['compile_reps']}. Command: `{command}`.",
+        f"Machine: {machine_info()}. Model: {depth.describe(size)}. Each compile from cleared "
+        f"caches, the median of {size['compile_reps']}. Command: `{command}`.",
         "",
         "| layout | blocks | method | part | compile s | x AdamW's step |",
         "| --- | ---: | --- | --- | ---: | ---: |",

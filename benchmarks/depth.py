@@ -181,15 +181,29 @@ def kfac_jax_runner(kfac_jax, model, params0, batch):
 # --- Measurements ---------------------------------------------------------------------------------
 
 
-def measure(layout: str, layers: int, size: dict, methods, kfac_jax, log) -> list[dict]:
-    """Every method on one layout and depth: its row."""
+def setup(layout: str, layers: int, size: dict):
+    """``(model, loss_fn, batch, params, blocks)`` of one layout and depth (the batch's tokens
+    and labels drawn with the depth as seed)."""
     model = make_model(layout, layers, size)
     loss_fn = modern_lm.make_loss(model)
     rng = np.random.default_rng(layers)
     shape = (size["batch"], size["seq"])
     batch = tuple(jnp.asarray(rng.integers(0, size["vocab"], shape), jnp.int32) for _ in range(2))
-    params0 = model.init(jax.random.key(0), batch[0])["params"]
-    blocks = ek.find_blocks(loss_fn, params0, *batch)
+    params = model.init(jax.random.key(0), batch[0])["params"]
+    return model, loss_fn, batch, params, ek.find_blocks(loss_fn, params, *batch)
+
+
+def describe(size: dict) -> str:
+    """The model of ``size`` in words, for the reports."""
+    return (
+        f"`benchmarks/modern_lm.py`'s decoder, float32, width {size['width']}, {size['heads']} "
+        f"heads, vocabulary {size['vocab']}, sequence {size['seq']}, batch {size['batch']}"
+    )
+
+
+def measure(layout: str, layers: int, size: dict, methods, kfac_jax, log) -> list[dict]:
+    """Every method on one layout and depth: its row."""
+    model, loss_fn, batch, params0, blocks = setup(layout, layers, size)
     runs, skipped, compiles = {}, {}, {}
     for rep in range(size["compile_reps"]):  # round-robin: the machine's drift shared out
         for method in methods:
@@ -282,9 +296,8 @@ def report(rows: list[dict], size: dict, context: dict) -> str:
     lines = [
         "# Compile and step time against depth (issue 31)",
         "",
-        f"Machine: {context['machine']}. Model: `benchmarks/modern_lm.py`'s decoder, float32, "
-        f"width {size['width']}, {size['heads']} heads, vocabulary {size['vocab']}, sequence "
-        f"{size['seq']}, batch {size['batch']}; blocks as a Python loop or under `nn.scan`. "
+        f"Machine: {context['machine']}. Model: {describe(size)}; blocks as a Python loop or "
+        "under `nn.scan`. "
         f"Compile: median of {size['compile_reps']} compiles, methods in turn. "
         f"Step: median of {size['reps']} windows of "
         f"{2 if size is QUICK else EVERY} steps, methods in turn. Command: "
