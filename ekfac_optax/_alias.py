@@ -351,7 +351,8 @@ def grafted_ekfac(
     method), with these defaults: AdamW's best final loss in 0.60x AdamW's steps on a character
     LM (1.67 against AdamW's best 2.18; lr 1e-2), 0.18x on the 28x28 auto-encoder (lr 3e-2),
     0.79x on an LM at a vocabulary of 8,192 (4.33 against 5.01; lr 3e-2); no run of the grid
-    diverged. Try ``learning_rate`` in ``[1e-2, 3e-2]``.
+    diverged. Try ``learning_rate`` in ``[1e-2, 3e-2]``. The lead is an early one: over 600 steps
+    on the LM at 8,192 AdamW ends lower (2.76 against 3.02).
 
     The embedding's own damping: its scalings follow the tokens' frequencies, so ``0.1 mean(s)``
     is mostly the rare tokens' and shrinks with the vocabulary. With 0.1 for the embedding too,
