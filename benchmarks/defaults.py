@@ -178,6 +178,12 @@ METHODS = {
         LRS,
         lambda lr, blocks: ek.kfe_adam(lr, blocks=blocks, factor_update_every=FACTORS_EVERY),
     ),
+    # KFE-Adam's direction without momentum (Adam's second moment in the eigenbasis, its
+    # square root: RMSProp in the KFE) with Adam's norms: better than EKFAC-ra's on long LM runs
+    "Adam-grafted KFE-Adam (b1 0; basis every 10)": (
+        LRS,
+        grafted(lambda blocks: ek.scale_by_kfe_adam(blocks=blocks, b1=0.0, basis_update_every=10)),
+    ),
     "AdamW (embedding lr x3)": (LRS, lambda lr, blocks: embedding_lr(optax.adamw(lr))),
     "KFE-Adam (embedding lr x3)": (
         LRS,
