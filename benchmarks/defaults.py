@@ -93,6 +93,15 @@ def relative_ekfac_ra(blocks, **kwargs):
     )
 
 
+EARLIER_SCALING_DECAY = 0.95  # ek.grafted_ekfac's scaling_decay until 2026-12-08 (now 0.99)
+
+
+def grafted_ekfac(lr, blocks, **kwargs):
+    """``ek.grafted_ekfac(lr, blocks=blocks, **kwargs)`` with the scalings' decay of the results
+    before 2026-12-08, 0.95, unless ``kwargs`` name one: the methods' names stay what they ran."""
+    return ek.grafted_ekfac(lr, blocks=blocks, **{"scaling_decay": EARLIER_SCALING_DECAY, **kwargs})
+
+
 EMBEDDING_LR = 3.0  # the embedding's learning-rate multiplier of the "embedding lr x3" diagnostics
 
 
@@ -138,7 +147,7 @@ METHODS = {
     # grafted(relative_ekfac_ra(basis every 10)), bit for bit (tests/test_graft.py)
     "Adam-grafted EKFAC-ra (relative 0.1; basis every 10)": (
         LRS,
-        lambda lr, blocks: ek.grafted_ekfac(lr, blocks=blocks, embedding_damping=0.1),
+        lambda lr, blocks: grafted_ekfac(lr, blocks, embedding_damping=0.1),
     ),
     "Adam-grafted EKFAC-ra (relative 0.1; factors every 10)": (
         LRS,
@@ -146,33 +155,38 @@ METHODS = {
     ),
     "Adam-grafted EKFAC-ra (relative 0.3; basis every 10)": (
         LRS,
-        lambda lr, blocks: ek.grafted_ekfac(lr, blocks=blocks, damping=0.3, embedding_damping=0.3),
+        lambda lr, blocks: grafted_ekfac(lr, blocks, damping=0.3, embedding_damping=0.3),
     ),
-    # embedding 1.0: ek.grafted_ekfac with its defaults
+    # embedding 1.0: ek.grafted_ekfac with its defaults until 2026-12-08 (scalings' decay 0.95)
     **{
         f"Adam-grafted EKFAC-ra (relative 0.1, embedding {e}; basis every 10)": (
             LRS,
-            lambda lr, blocks, e=e: ek.grafted_ekfac(lr, blocks=blocks, embedding_damping=e),
+            lambda lr, blocks, e=e: grafted_ekfac(lr, blocks, embedding_damping=e),
         )
         for e in (0.3, 1.0, 3.0)
     },
+    # ek.grafted_ekfac with its defaults since 2026-12-08
     "Adam-grafted EKFAC-ra (relative 0.1, embedding 1.0, scalings' decay 0.99; basis every 10)": (
         LRS,
-        lambda lr, blocks: ek.grafted_ekfac(lr, blocks=blocks, scaling_decay=0.99),
+        lambda lr, blocks: grafted_ekfac(lr, blocks, scaling_decay=0.99),
+    ),
+    "Adam-grafted EKFAC-ra (relative 0.1, embedding 1.0, scalings' decay 0.999; basis every 10)": (
+        LRS,
+        lambda lr, blocks: grafted_ekfac(lr, blocks, scaling_decay=0.999),
     ),
     "Adam-grafted EKFAC-ra (relative 0.3, embedding 1.0; basis every 10)": (
         LRS,
-        lambda lr, blocks: ek.grafted_ekfac(lr, blocks=blocks, damping=0.3),
+        lambda lr, blocks: grafted_ekfac(lr, blocks, damping=0.3),
     ),
     "Adam-grafted EKFAC-ra (relative 0.1; basis and factors every 10)": (
         LRS,
-        lambda lr, blocks: ek.grafted_ekfac(
-            lr, blocks=blocks, embedding_damping=0.1, factor_update_every=FACTORS_EVERY
+        lambda lr, blocks: grafted_ekfac(
+            lr, blocks, embedding_damping=0.1, factor_update_every=FACTORS_EVERY
         ),
     ),
     "Adam-grafted EKFAC-ra (relative 0.1, embedding 1.0; basis and factors every 10)": (
         LRS,
-        lambda lr, blocks: ek.grafted_ekfac(lr, blocks=blocks, factor_update_every=FACTORS_EVERY),
+        lambda lr, blocks: grafted_ekfac(lr, blocks, factor_update_every=FACTORS_EVERY),
     ),
     "KFE-Adam (factors every 10)": (
         LRS,

@@ -27,6 +27,7 @@ from helpers import (
     train,
     train_step,
 )
+from jax.flatten_util import ravel_pytree
 
 import ekfac_optax as ek
 
@@ -159,11 +160,12 @@ def test_the_aliases_graft_argument_is_the_chain_it_names(alias, scale_by):
 def test_grafted_ekfac_is_the_recommended_chain_with_its_defaults():
     """``ek.grafted_ekfac(lr, blocks=...)`` updates bit for bit as the chain the benchmarks
     measured, written out with its default values (relative damping 0.1, 1.0 for the
-    embedding's block, EKFAC-ra, the basis every 10 updates, AdamW's weight decay 1e-4), on a
+    embedding's block, EKFAC-ra with the scalings' decay 0.99, the basis every 10 updates,
+    AdamW's weight decay 1e-4), on a
     small LM with a tied embedding: 12 steps, refreshes on 0 and 10; also under
     ``optax.inject_hyperparams`` (``blocks`` static), with the learning rate, weight decay and
-    embedding damping injected. The embedding's damping matters: with that of the other blocks
-    the parameters end elsewhere."""
+    embedding damping injected. The embedding's damping and the scalings' decay matter: with the
+    other blocks' damping, or the decay 0.95, the parameters end elsewhere."""
     model = TiedLM(param_dtype=jnp.float64)
     lm_loss_fn = lm_loss(model)
     batches = [lm_token_batch(seed) for seed in range(3)] * 4
@@ -171,7 +173,7 @@ def test_grafted_ekfac_is_the_recommended_chain_with_its_defaults():
     blocks = ek.find_blocks(lm_loss_fn, params, *batches[0])
     assert blocks["tokens"].block == "embed" and blocks["tokens"].tied
 
-    def chain(embedding_damping):
+    def chain(embedding_damping, scaling_decay=0.99):
         return optax.chain(
             ek.graft(
                 optax.scale_by_adam(),
@@ -182,6 +184,7 @@ def test_grafted_ekfac_is_the_recommended_chain_with_its_defaults():
                     damping=0.1,
                     embedding_damping=embedding_damping,
                     basis_update_every=10,
+                    scaling_decay=scaling_decay,
                 ),
             ),
             optax.add_decayed_weights(1e-4),
@@ -205,6 +208,9 @@ def test_grafted_ekfac_is_the_recommended_chain_with_its_defaults():
     other, _, _ = run(chain(0.1))
     embedding = [tree["tokens"]["embedding"] for tree in (other, expected)]
     assert reference.relative_error(*embedding) > 1e-2  # measured 0.12
+    other, _, _ = run(chain(1.0, scaling_decay=0.95))  # the default before 2026-12-08 (#10)
+    flat = [ravel_pytree(tree)[0] for tree in (other, expected)]
+    assert reference.relative_error(*flat) > 1e-2  # measured 0.053
 
 
 @pytest.mark.parametrize(
