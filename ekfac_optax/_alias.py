@@ -347,14 +347,13 @@ def grafted_ekfac(
     scalings: ``ε = 0.1``, and 1.0 for an embedding's block) rescaled to the Frobenius norm of
     Adam's update of the same gradient (:func:`graft`), then AdamW's decoupled weight decay and
     learning rate. The learning rate is Adam's: it transfers across models and across the
-    damping. On the out-of-the-box benchmark
-    of ``docs/benchmarks.md`` (2-core CPU, 200 steps, one grid ``{1e-3 .. 1e-1}`` for every
-    method), with these defaults: AdamW's best final loss in 0.60x AdamW's steps on a character
-    LM (1.68 against AdamW's best 2.18; lr 1e-2), 0.18x on the 28x28 auto-encoder (lr 3e-2),
-    0.76x on an LM at a vocabulary of 8,192 (4.17 against 5.01; lr 3e-2); no run of the grid
-    diverged. Try ``learning_rate`` in ``[1e-2, 3e-2]``. Over 600 steps on the LM at 8,192 it
-    ends at 2.72 against AdamW's 2.76, over 1,000 steps at 2.31 against 2.29: the early lead is
-    spent, and it stays within 1% of AdamW (0.95 was 9% behind at 600 steps).
+    damping. On the out-of-the-box benchmark of ``docs/benchmarks.md`` (2-core CPU, 200 steps, one
+    grid ``{1e-3 .. 1e-1}`` for every method), with these defaults: AdamW's best final loss in 0.60x
+    AdamW's steps on a character LM (1.68 against AdamW's best 2.18; lr 1e-2), 0.18x on the 28x28
+    auto-encoder (lr 3e-2), 0.76x on an LM at a vocabulary of 8,192 (4.17 against 5.01; lr 3e-2); no
+    run of the grid diverged. Try ``learning_rate`` in ``[1e-2, 3e-2]``. Over 600 steps on the LM at
+    8,192 it ends at 2.72 against AdamW's 2.76, over 1,000 steps at 2.31 against 2.29: the early
+    lead is spent, and it stays within 1% of AdamW (0.95 was 9% behind at 600 steps).
 
     The scalings' decay 0.99 (``scale_by_ekfac``'s default is 0.95): the running ``s`` restarts
     from KFAC's eigenvalues at each basis change, and with 0.95 it follows the last few batches'
@@ -366,12 +365,12 @@ def grafted_ekfac(
     character LM (1.678 against 1.672), and worse runs at lr 1e-1 (none diverged); 0.999 ended
     lower on the long run (2.65) but at 283.3 on the 28x28 auto-encoder.
 
-    The embedding's own damping (measured with the scalings' decay 0.95): its scalings follow
-    the tokens' frequencies, so ``0.1 mean(s)`` is mostly the rare tokens' and shrinks with the
-    vocabulary. With 0.1 for the embedding too,
-    the LM at 8,192 took 0.88x AdamW's steps (4.59); with 0.3, 1.0 and 3.0, 0.82x, 0.79x and
-    0.79x, the character LM 0.60x with each (final 1.68, 1.66, 1.67, 1.71). With it, a
-    ``damping=0.3`` for the other blocks gained nothing (0.79x; the character LM 0.61x, 1.73).
+    The embedding's own damping (measured with the scalings' decay 0.95): its scalings follow the
+    tokens' frequencies, so ``0.1 mean(s)`` is mostly the rare tokens' and shrinks with the
+    vocabulary. With 0.1 for the embedding too, the LM at 8,192 took 0.88x AdamW's steps (4.59);
+    with 0.3, 1.0 and 3.0, 0.82x, 0.79x and 0.79x, the character LM 0.60x with each (final 1.68,
+    1.66, 1.67, 1.71). With it, a ``damping=0.3`` for the other blocks gained nothing (0.79x;
+    the character LM 0.61x, 1.73).
 
     Args:
       learning_rate: a float or an optax schedule (Adam's scale).
